@@ -1,0 +1,74 @@
+//! The plain HTTP listener: `/healthz` (liveness), `/readyz` (readiness with details) and
+//! `/metrics` (Prometheus text).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::app::App;
+use crate::jwt::JwksStatus;
+
+#[derive(Debug, Serialize)]
+struct Readiness {
+    ready: bool,
+    policy_revision: String,
+    decision_rule: String,
+    modules: usize,
+    dry_run: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    jwks: Vec<JwksStatus>,
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(app)
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let policy = app.authz.policy.current();
+    let ready = app.is_ready();
+    let body = Readiness {
+        ready,
+        policy_revision: policy.revision().to_string(),
+        decision_rule: policy.decision_rule().to_string(),
+        modules: policy.modules().len(),
+        dry_run: app.authz.dry_run,
+        jwks: app.authz.jwt.jwks_status(),
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body))
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,62 @@
+//! Size limits on what a request may carry, checked before any parsing work is spent on it.
+//!
+//! Each limit answers with an explicit denial (400 for the request shape, 401 for the token) and
+//! a counted reason, so an oversized request can neither stall a worker nor slip through.
+
+use serde::Deserialize;
+
+use crate::config::{Ctx, Error};
+
+/// Validated limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest bearer token accepted, in bytes.
+    pub max_token_bytes: usize,
+    /// Most request headers accepted.
+    pub max_headers: usize,
+    /// Largest total size of header names and values, in bytes.
+    pub max_header_bytes: usize,
+    /// Longest `:path` (with query) accepted, in bytes.
+    pub max_path_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_token_bytes: 8 * 1024,
+            max_headers: 128,
+            max_header_bytes: 64 * 1024,
+            max_path_bytes: 8 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    max_token_bytes: Option<usize>,
+    max_headers: Option<usize>,
+    max_header_bytes: Option<usize>,
+    max_path_bytes: Option<usize>,
+}
+
+impl RawLimits {
+    pub fn validate(self, ctx: &Ctx<'_>) -> Result<Limits, Error> {
+        let d = Limits::default();
+        let positive = |key: &str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(ctx.err(format!("limits.{key}"), "expected a positive number")),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        };
+        Ok(Limits {
+            max_token_bytes: positive("max_token_bytes", self.max_token_bytes, d.max_token_bytes)?,
+            max_headers: positive("max_headers", self.max_headers, d.max_headers)?,
+            max_header_bytes: positive(
+                "max_header_bytes",
+                self.max_header_bytes,
+                d.max_header_bytes,
+            )?,
+            max_path_bytes: positive("max_path_bytes", self.max_path_bytes, d.max_path_bytes)?,
+        })
+    }
+}

@@ -1,0 +1,107 @@
+//! The `meshauthz` command line. Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use meshauthz::app::{self, App};
+use meshauthz::config::{Config, DEFAULT_CONFIG_PATH};
+
+#[derive(Parser)]
+#[command(
+    name = "meshauthz",
+    about = "External authorization for Envoy and Istio",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the ext_authz gRPC server and the HTTP health/metrics listener.
+    Serve {
+        /// Config file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH, env = "MESHAUTHZ_CONFIG")]
+        config: PathBuf,
+        /// Log as plain text instead of JSON.
+        #[arg(long)]
+        text_logs: bool,
+    },
+    /// Decide one request offline and print the decision as JSON.
+    Eval {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// A protojson CheckRequest or an OPA-Envoy input document.
+        #[arg(long, short)]
+        input: PathBuf,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshauthz: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Version => {
+            println!("meshauthz {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { config, text_logs } => {
+            meshauthz::telemetry::init_tracing(!text_logs);
+            let config = Config::load(&config)?;
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = config.server.worker_threads {
+                rt.worker_threads(n);
+            }
+            let rt = rt
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            rt.block_on(async {
+                let app = App::build(config)?;
+                let grpc = tokio::net::TcpListener::bind(app.config.server.grpc_addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", app.config.server.grpc_addr))?;
+                let http = tokio::net::TcpListener::bind(app.config.server.http_addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", app.config.server.http_addr))?;
+                let signal = app::shutdown_signal(app.clone());
+                app.serve(grpc, http, signal).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval { config, input } => {
+            let mut config = Config::load(&config)?;
+            config.decision_log.enabled = false;
+            let attrs = app::read_eval_input(&input)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            let checked = rt.block_on(async {
+                let app = App::build(config)?;
+                app.authz.jwt.start();
+                anyhow::Ok(app.authz.check(attrs).await)
+            })?;
+            println!("{}", meshauthz::app::decision_json(&checked));
+            Ok(if checked.computed_allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+    }
+}

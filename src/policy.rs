@@ -1,0 +1,294 @@
+//! Rego policies: loading, compiling and evaluating the decision rule with regorus.
+//!
+//! A [`Policy`] is an immutable, fully compiled snapshot of every module and data document under
+//! the configured paths, identified by a content hash ([`Policy::revision`]). The server holds the
+//! current snapshot in a [`Store`] and swaps it whole on reload, so a request evaluates against
+//! exactly one revision from start to end and never against a half-loaded one.
+//!
+//! Evaluation reuses one regorus engine per worker thread (cloned from the snapshot's prototype
+//! the first time that thread sees the revision): a clone shares the parsed modules and data, so
+//! the per-request cost is setting the input and walking the rules.
+
+mod loader;
+mod store;
+mod watch;
+
+use std::cell::RefCell;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use regorus::{Engine, Value};
+use serde::Deserialize;
+
+use crate::config::{self, Ctx};
+
+pub use loader::{Sources, collect};
+pub use store::{ReloadOutcome, Store};
+pub use watch::spawn_watcher;
+
+/// Rego language version the modules are parsed as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegoVersion {
+    /// Rego v1 (OPA 1.x default): `if` and `contains` keywords are required.
+    V1,
+    /// Rego v0 (OPA 0.x): for policies written before OPA 1.0.
+    V0,
+}
+
+/// Validated `policy:` section.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Files and directories holding `*.rego` modules and `*.json`/`*.yaml` data documents.
+    pub paths: Vec<PathBuf>,
+    /// The rule whose value is the decision, e.g. `data.envoy.authz.allow`.
+    pub decision: String,
+    pub rego_version: RegoVersion,
+    /// Compute and log decisions but allow every request.
+    pub dry_run: bool,
+    /// Watch the paths and reload on change.
+    pub watch: bool,
+    /// Quiet period after the last file event before a reload starts.
+    pub debounce: Duration,
+    /// Wall-clock budget for one evaluation; past it the request is denied.
+    pub eval_timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    paths: Vec<String>,
+    #[serde(default = "default_decision")]
+    decision: String,
+    #[serde(default = "default_rego_version")]
+    rego_version: RegoVersion,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default = "default_true")]
+    watch: bool,
+    #[serde(default = "default_debounce")]
+    debounce: String,
+    #[serde(default = "default_eval_timeout")]
+    eval_timeout: String,
+}
+
+fn default_decision() -> String {
+    "data.envoy.authz.allow".into()
+}
+fn default_rego_version() -> RegoVersion {
+    RegoVersion::V1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_debounce() -> String {
+    "200ms".into()
+}
+fn default_eval_timeout() -> String {
+    "100ms".into()
+}
+
+impl RawConfig {
+    pub fn validate(self, ctx: &Ctx<'_>) -> Result<Config, config::Error> {
+        if self.paths.is_empty() {
+            return Err(ctx.err(
+                "policy.paths",
+                "expected at least one file or directory of policies",
+            ));
+        }
+        if !is_rule_path(&self.decision) {
+            return Err(ctx.err(
+                "policy.decision",
+                format!(
+                    "expected a rule path such as \"data.envoy.authz.allow\", got {:?}",
+                    self.decision
+                ),
+            ));
+        }
+        Ok(Config {
+            paths: self.paths.iter().map(|p| ctx.resolve(p)).collect(),
+            decision: self.decision,
+            rego_version: self.rego_version,
+            dry_run: self.dry_run,
+            watch: self.watch,
+            debounce: ctx.duration("policy.debounce", &self.debounce)?,
+            eval_timeout: ctx.duration("policy.eval_timeout", &self.eval_timeout)?,
+        })
+    }
+}
+
+/// `data.a.b_c.d`: `data` followed by one or more identifier components.
+fn is_rule_path(s: &str) -> bool {
+    let mut parts = s.split('.');
+    parts.next() == Some("data")
+        && s.len() > 5
+        && parts.all(|p| {
+            let mut chars = p.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A Rego parse or compile error; regorus's message names file:line:column.
+    #[error("{0}")]
+    Compile(String),
+    #[error("{path}: invalid data document: {message}")]
+    Data { path: PathBuf, message: String },
+    #[error("no .rego modules found under {0}")]
+    NoModules(String),
+    #[error("decision rule {rule} is not defined by any loaded module")]
+    MissingDecision { rule: String },
+}
+
+/// Why an evaluation produced no value. Always turned into a denial by the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("policy evaluation failed: {0}")]
+    Runtime(String),
+}
+
+/// Unique per compiled snapshot, so per-thread engines know when they are stale.
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// One compiled revision of the policy tree.
+pub struct Policy {
+    prototype: Engine,
+    decision: String,
+    revision: String,
+    generation: u64,
+    modules: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("decision", &self.decision)
+            .field("revision", &self.revision)
+            .field("modules", &self.modules)
+            .finish_non_exhaustive()
+    }
+}
+
+thread_local! {
+    /// This worker's engine and the generation it was cloned from.
+    static ENGINE: RefCell<Option<(u64, Engine)>> = const { RefCell::new(None) };
+}
+
+impl Policy {
+    /// Reads and compiles every module and data document under the configured paths.
+    pub fn load(cfg: &Config) -> Result<Policy, Error> {
+        let sources = collect(&cfg.paths, false)?;
+        Self::compile(cfg, sources)
+    }
+
+    /// Compiles already collected sources.
+    pub fn compile(cfg: &Config, sources: Sources) -> Result<Policy, Error> {
+        if sources.modules.is_empty() {
+            let paths: Vec<String> = cfg.paths.iter().map(|p| p.display().to_string()).collect();
+            return Err(Error::NoModules(paths.join(", ")));
+        }
+        let mut engine = new_engine(cfg);
+        sources.add_to(&mut engine)?;
+        check_decision_rule(&mut engine, &cfg.decision)?;
+        Ok(Policy {
+            prototype: engine,
+            decision: cfg.decision.clone(),
+            revision: sources.revision,
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+            modules: sources.modules.into_iter().map(|m| m.path).collect(),
+        })
+    }
+
+    /// Content hash of every loaded file: equal trees give equal revisions.
+    pub fn revision(&self) -> &str {
+        &self.revision
+    }
+
+    pub fn modules(&self) -> &[PathBuf] {
+        &self.modules
+    }
+
+    pub fn decision_rule(&self) -> &str {
+        &self.decision
+    }
+
+    /// Evaluates the decision rule for `input`. `Value::Undefined` means the rule had no value.
+    pub fn evaluate(&self, input: Value) -> Result<Value, EvalError> {
+        ENGINE.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            let engine = match &mut *slot {
+                Some((generation, engine)) if *generation == self.generation => engine,
+                other => &mut other.insert((self.generation, self.prototype.clone())).1,
+            };
+            engine.set_input(input);
+            engine
+                .eval_rule(self.decision.clone())
+                .map_err(|e| EvalError::Runtime(compact(&e.to_string())))
+        })
+    }
+
+    /// Evaluates an arbitrary rule (used by `meshauthz test`).
+    pub fn evaluate_rule(&self, rule: &str, input: Option<Value>) -> Result<Value, EvalError> {
+        let mut engine = self.prototype.clone();
+        if let Some(input) = input {
+            engine.set_input(input);
+        }
+        engine
+            .eval_rule(rule.to_string())
+            .map_err(|e| EvalError::Runtime(compact(&e.to_string())))
+    }
+}
+
+fn new_engine(cfg: &Config) -> Engine {
+    let mut engine = Engine::new();
+    engine.set_rego_v0(cfg.rego_version == RegoVersion::V0);
+    // A runaway rule must not hold a worker: regorus checks the clock every few steps.
+    engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
+        limit: cfg.eval_timeout,
+        check_interval: NonZeroU32::MIN.saturating_add(63),
+    });
+    engine
+}
+
+/// Fails unless some loaded module declares the decision rule: compiling with the rule as the
+/// entry point resolves it against every module without evaluating anything.
+fn check_decision_rule(engine: &mut Engine, rule: &str) -> Result<(), Error> {
+    match engine.compile_with_entrypoint(&rule.into()) {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("not a valid rule path") => Err(Error::MissingDecision {
+            rule: rule.to_string(),
+        }),
+        Err(e) => Err(Error::Compile(compact(&e.to_string()))),
+    }
+}
+
+/// Folds regorus's multi-line diagnostic (`--> file:line:col`, a source excerpt, `error: msg`)
+/// into one `file:line:col: msg` line, which is what logs and CI output want.
+pub fn compact(message: &str) -> String {
+    let location = message
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("--> "));
+    let error = message
+        .lines()
+        .rev()
+        .find_map(|l| l.trim_start().strip_prefix("error: "));
+    match (location, error) {
+        (Some(loc), Some(err)) => format!("{}: {}", loc.trim(), err.trim()),
+        _ => message.trim().replace('\n', " "),
+    }
+}
+
+#[cfg(test)]
+mod tests;
