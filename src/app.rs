@@ -51,6 +51,7 @@ impl App {
             metrics: metrics.clone(),
             limits: config.limits,
             dry_run: config.policy.dry_run,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
         };
         Ok(Arc::new(App {
             config,
@@ -91,6 +92,8 @@ impl App {
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
 
+        let grpc_addr = grpc.local_addr().context("gRPC listener")?;
+        let http_addr = http_listener.local_addr().context("HTTP listener")?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = move || {
             let mut rx = stop_rx.clone();
@@ -106,8 +109,9 @@ impl App {
         ));
         let http_task = tokio::spawn(http::run(http_listener, self.clone(), stopped()));
         tracing::info!(
-            grpc = %self.config.server.grpc_addr,
-            http = %self.config.server.http_addr,
+            grpc = %grpc_addr,
+            http = %http_addr,
+            engine = self.authz.policy.current().engine(),
             revision = %self.authz.policy.current().revision(),
             "meshauthz serving"
         );
@@ -124,29 +128,36 @@ impl App {
         health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
+        // Stop accepting; connections get GOAWAY. Then wait for the checks in flight (not for
+        // idle keep-alive connections, which a proxy may hold open) within the grace period.
         let _ = stop_tx.send(true);
         let grace = self.config.server.shutdown_grace;
-        let drained = tokio::time::timeout(grace, async {
-            let g = grpc_task.await;
-            let h = http_task.await;
-            (g, h)
-        })
-        .await;
-        match drained {
-            Ok((Ok(Ok(())), Ok(Ok(())))) => Ok(()),
-            Ok((g, h)) => {
-                if let Ok(Err(e)) = g {
-                    return Err(e).context("gRPC server failed");
-                }
-                if let Ok(Err(e)) = h {
-                    return Err(e).context("HTTP server failed");
-                }
-                Ok(())
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            if grpc_task.is_finished() && http_task.is_finished() {
+                break;
             }
-            Err(_) => {
+            if self.authz.in_flight.load(Ordering::Acquire) == 0 {
+                // Let responses already decided be written out.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                if self.authz.in_flight.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(grace = ?grace, "grace period over; exiting with requests in flight");
-                Ok(())
+                break;
             }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        grpc_task.abort();
+        http_task.abort();
+        if let Ok(Err(e)) = grpc_task.await {
+            return Err(e).context("gRPC server failed");
+        }
+        match http_task.await {
+            Ok(Err(e)) => Err(e).context("HTTP server failed"),
+            _ => Ok(()),
         }
     }
 }

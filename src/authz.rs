@@ -36,6 +36,24 @@ pub struct Authorizer {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub dry_run: bool,
+    /// Checks being decided right now (shutdown waits for them, not for idle connections).
+    pub in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a check as in flight for as long as it lives.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a std::sync::atomic::AtomicUsize) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Authorizer {
@@ -60,6 +78,7 @@ struct Facts {
 impl Authorizer {
     /// Decides one request.
     pub async fn check(&self, attrs: Attributes) -> Checked {
+        let _in_flight = InFlight::enter(&self.in_flight);
         let start = Instant::now();
         let policy = self.policy.current();
         let mut facts = Facts::default();

@@ -19,6 +19,7 @@ struct Readiness {
     ready: bool,
     policy_revision: String,
     decision_rule: String,
+    engine: &'static str,
     modules: usize,
     dry_run: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -40,6 +41,7 @@ async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
         ready,
         policy_revision: policy.revision().to_string(),
         decision_rule: policy.decision_rule().to_string(),
+        engine: policy.engine(),
         modules: policy.modules().len(),
         dry_run: app.authz.dry_run,
         jwks: app.authz.jwt.jwks_status(),

@@ -29,6 +29,12 @@ enum Command {
         /// Log as plain text instead of JSON.
         #[arg(long)]
         text_logs: bool,
+        /// Override `server.grpc_addr` (e.g. 127.0.0.1:0 for an ephemeral port).
+        #[arg(long)]
+        grpc_addr: Option<std::net::SocketAddr>,
+        /// Override `server.http_addr`.
+        #[arg(long)]
+        http_addr: Option<std::net::SocketAddr>,
     },
     /// Decide one request offline and print the decision as JSON.
     Eval {
@@ -59,9 +65,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("meshauthz {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { config, text_logs } => {
+        Command::Serve {
+            config,
+            text_logs,
+            grpc_addr,
+            http_addr,
+        } => {
             meshauthz::telemetry::init_tracing(!text_logs);
-            let config = Config::load(&config)?;
+            let mut config = Config::load(&config)?;
+            if let Some(a) = grpc_addr {
+                config.server.grpc_addr = a;
+            }
+            if let Some(a) = http_addr {
+                config.server.http_addr = a;
+            }
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = config.server.worker_threads {
                 rt.worker_threads(n);

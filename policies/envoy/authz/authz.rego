@@ -36,14 +36,16 @@ default allow := false
 # Health and readiness endpoints are open to every caller, with or without identity.
 allow if request_path in data.rbac.public_paths
 
+# The caller's roles: bindings are keyed "<namespace>/<service account>" (Istio SPIFFE IDs).
+roles contains data.rbac.roles[name] if {
+	some name in data.rbac.bindings[concat("/", [input.peer.namespace, input.peer.service_account])]
+}
+
 # A workload may call a route when one of its roles grants it, unless it is deny-listed.
 allow if {
 	not denied_principal
-	some binding in data.rbac.bindings
-	binding.namespace == input.peer.namespace
-	binding.service_account == input.peer.service_account
-	some role_name in binding.roles
-	grants(data.rbac.roles[role_name])
+	some role in roles
+	grants(role)
 }
 
 grants(role) if {
@@ -73,8 +75,12 @@ default result := {
 # On allow, tell the upstream which workload called (meshauthz overwrites any client copy).
 result := {
 	"allowed": true,
-	"headers": {"x-meshauthz-peer": object.get(input.peer, "spiffe_id", "anonymous")},
+	"headers": {"x-meshauthz-peer": peer_id},
 } if allow
+
+default peer_id := "anonymous"
+
+peer_id := input.peer.spiffe_id
 
 # A route that needs a user token, called without one: 401 with a JSON body.
 result := {
@@ -89,11 +95,7 @@ result := {
 }
 
 needs_token if {
-	some binding in data.rbac.bindings
-	binding.namespace == input.peer.namespace
-	binding.service_account == input.peer.service_account
-	some role_name in binding.roles
-	role := data.rbac.roles[role_name]
+	some role in roles
 	role.scope
 	http.method in role.methods
 	some pattern in role.paths

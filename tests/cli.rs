@@ -1,0 +1,209 @@
+//! The `meshauthz` binary as users and CI scripts run it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn meshauthz() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_meshauthz"));
+    c.current_dir(repo());
+    c
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = meshauthz().arg("version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("meshauthz {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn serve_refuses_a_policy_with_a_syntax_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let bad = dir.path().join("policies/authz.rego");
+    std::fs::write(
+        &bad,
+        "package envoy.authz\nimport rego.v1\n\nallow if {\n  input.x ==\n}\n",
+    )
+    .unwrap();
+    let config = write_config(
+        dir.path(),
+        "server: { grpc_addr: '127.0.0.1:0', http_addr: '127.0.0.1:0' }\npolicy:\n  paths: [policies]\n",
+    );
+    let out = meshauthz()
+        .args(["serve", "--text-logs", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:6:1: expecting expression", bad.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serve_refuses_a_bad_config_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "policy:\n  paths: [\"{policies}\"]\n  decision: allow\n",
+    );
+    let out = meshauthz()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}: policy.decision: expected a rule path",
+            config.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn eval_decides_a_captured_envoy_request_with_the_bundled_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture =
+        std::fs::read_to_string(repo().join("tests/fixtures/envoy-1.40-checkrequests.jsonl"))
+            .unwrap();
+    let line = fixture.lines().next().unwrap();
+    let deny = dir.path().join("deny.json");
+    std::fs::write(&deny, line).unwrap();
+    let out = meshauthz()
+        .args(["eval", "--input"])
+        .arg(&deny)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "a denial exits 2");
+    let decision: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(decision["allowed"], false);
+    assert_eq!(decision["status"], 403);
+
+    // The same request, as the shop frontend asking for the catalog: allowed.
+    let allow_line = line
+        .replace("ns/default/sa/foo", "ns/shop/sa/frontend")
+        .replace("/direct/x", "/api/products/1");
+    let allow = dir.path().join("allow.json");
+    std::fs::write(&allow, allow_line).unwrap();
+    let out = meshauthz()
+        .args(["eval", "--input"])
+        .arg(&allow)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decision: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(decision["allowed"], true);
+    assert_eq!(
+        decision["headers"][0]["value"],
+        "spiffe://cluster.local/ns/shop/sa/frontend"
+    );
+}
+
+#[test]
+fn eval_reports_an_unreadable_input() {
+    let out = meshauthz()
+        .args(["eval", "--input", "no-such-file.json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-file.json: cannot read input"));
+}
+
+/// What the README's run command does: the bundled config and policies, served for real, then a
+/// SIGTERM that drains and exits cleanly.
+#[tokio::test]
+async fn serve_on_the_bundled_config_answers_checks_and_exits_on_sigterm() {
+    use std::io::BufRead;
+    let mut child = meshauthz()
+        .args([
+            "serve",
+            "--text-logs",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut grpc = None;
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        if let Some(rest) = line.split("grpc=").nth(1) {
+            grpc = rest.split_whitespace().next().map(str::to_owned);
+            break;
+        }
+    }
+    let grpc = grpc.expect("the server logs its gRPC address");
+    let mut client = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(
+        format!("http://{grpc}"),
+    )
+    .await
+    .unwrap();
+    let allowed = client
+        .check(request(
+            Some("spiffe://cluster.local/ns/shop/sa/frontend"),
+            "GET",
+            "/api/products/1",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(Outcome::from(allowed).allowed);
+    let denied = Outcome::from(
+        client
+            .check(request(
+                Some("spiffe://cluster.local/ns/shop/sa/frontend"),
+                "DELETE",
+                "/api/products/1",
+            ))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!((denied.allowed, denied.status), (false, 403));
+
+    let started = std::time::Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "exits 0 after SIGTERM: {exit:?}");
+    eprintln!("drained and exited in {:?}", started.elapsed());
+    drop(client);
+}

@@ -1,0 +1,518 @@
+//! Bearer tokens through the real server, against a real JWKS HTTP server, with tokens minted
+//! from real keys of every supported algorithm.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use jsonwebtoken::Algorithm;
+use serde_json::json;
+
+/// A policy that allows any request carrying a verified token and exposes its claims.
+const TOKEN_POLICY: &str = r#"
+package envoy.authz
+import rego.v1
+
+allow := {"allowed": true, "headers": {"x-claims-sub": input.jwt.claims.sub, "x-provider": input.jwt.provider}} if input.jwt
+allow := {"allowed": false, "http_status": 403} if not input.jwt
+"#;
+
+async fn token_server(provider_yaml: &str) -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let pdir = dir.path().join("policies");
+    std::fs::create_dir(&pdir).unwrap();
+    std::fs::write(pdir.join("policy.rego"), TOKEN_POLICY).unwrap();
+    let file = write_config(
+        dir.path(),
+        &format!(
+            "policy:\n  paths: [policies]\njwt:\n{provider_yaml}\ndecision_log: {{ enabled: false }}\n"
+        ),
+    );
+    (TestServer::start(&file).await, dir)
+}
+
+fn provider(jwks_uri: &str, extra: &str) -> String {
+    let wait = if extra.contains("max_wait") {
+        ""
+    } else {
+        r#", max_wait: "2s""#
+    };
+    format!(
+        r#"  providers:
+    - name: corp
+      issuer: "{ISSUER}"
+      audiences: ["{AUDIENCE}"]
+      jwks: {{ uri: "{jwks_uri}", min_refetch_interval: "0s" {wait} {extra} }}
+      claims_to_headers: [{{ claim: sub, header: x-jwt-sub }}]
+"#
+    )
+}
+
+fn with_token(token: &str) -> envoy_types::ext_authz::v3::pb::CheckRequest {
+    Req {
+        method: "GET",
+        path: "/",
+        ..Default::default()
+    }
+    .bearer(token)
+    .build()
+}
+
+#[tokio::test]
+async fn every_supported_algorithm_verifies() {
+    let algs = [
+        Algorithm::RS256,
+        Algorithm::RS384,
+        Algorithm::RS512,
+        Algorithm::PS256,
+        Algorithm::PS384,
+        Algorithm::PS512,
+        Algorithm::ES256,
+        Algorithm::ES384,
+        Algorithm::EdDSA,
+    ];
+    let keys: Vec<Keys> = algs
+        .iter()
+        .map(|a| Keys::generate(*a, &format!("{a:?}")))
+        .collect();
+    let jwks = JwksServer::start(&keys.iter().collect::<Vec<_>>()).await;
+    let (server, _dir) = token_server(&provider(&jwks.uri(), "")).await;
+    for k in &keys {
+        let got = server
+            .check(with_token(&k.sign(&claims("alice", ""))))
+            .await;
+        assert!(got.allowed, "{:?}: {got:?}", k.alg);
+        assert_eq!(got.header("x-claims-sub"), Some("alice"), "{:?}", k.alg);
+        assert_eq!(got.header("x-jwt-sub"), Some("alice"), "{:?}", k.alg);
+        assert_eq!(got.header("x-provider"), Some("corp"));
+    }
+    // No token: the policy decides (here: 403), not a 401.
+    let none = server.check(request(None, "GET", "/")).await;
+    assert_eq!((none.allowed, none.status), (false, 403));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn attack_tokens_are_denied_with_the_right_reason() {
+    let rsa = Keys::generate(Algorithm::RS256, "rsa-1");
+    let ec = Keys::generate(Algorithm::ES256, "ec-1");
+    let other = Keys::generate(Algorithm::RS256, "rsa-1"); // same kid, different key
+    let jwks = JwksServer::start(&[&rsa, &ec]).await;
+    let (server, _dir) = token_server(&provider(&jwks.uri(), "")).await;
+
+    let good = claims("alice", "");
+    let valid = rsa.sign(&good);
+    let mut parts: Vec<String> = valid.split('.').map(str::to_owned).collect();
+
+    // Tampered payload: same header and signature, different claims.
+    let mut evil = good.clone();
+    evil["sub"] = json!("admin");
+    use base64::Engine as _;
+    parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(evil.to_string());
+    let tampered = parts.join(".");
+
+    // HS256 "signed" with the RSA public key (the classic key-confusion attack).
+    let hs_with_public = {
+        let secret = rsa.jwk.to_string();
+        let mut h = jsonwebtoken::Header::new(Algorithm::HS256);
+        h.kid = Some("rsa-1".into());
+        jsonwebtoken::encode(
+            &h,
+            &good,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    // An ES256 token naming the RSA key's kid (key type must match the algorithm).
+    let es_with_rsa_kid = {
+        let mut h = jsonwebtoken::Header::new(Algorithm::ES256);
+        h.kid = Some("rsa-1".into());
+        jsonwebtoken::encode(&h, &good, &ec.encoding).unwrap()
+    };
+    let at = |k: &Keys, f: &dyn Fn(&mut serde_json::Value)| {
+        let mut c = claims("alice", "");
+        f(&mut c);
+        k.sign(&c)
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "alg none",
+            raw_token(&json!({"alg": "none", "typ": "JWT"}), &good, b""),
+            "jwt_disallowed_algorithm",
+        ),
+        (
+            "alg None",
+            raw_token(&json!({"alg": "None"}), &good, b""),
+            "jwt_disallowed_algorithm",
+        ),
+        (
+            "HS256 with the RSA public key",
+            hs_with_public,
+            "jwt_disallowed_algorithm",
+        ),
+        (
+            "ES256 naming an RSA kid",
+            es_with_rsa_kid,
+            "jwt_unknown_key",
+        ),
+        ("tampered payload", tampered, "jwt_bad_signature"),
+        (
+            "signed by another key with a known kid",
+            other.sign(&good),
+            "jwt_bad_signature",
+        ),
+        (
+            "expired",
+            at(&rsa, &|c| c["exp"] = json!(now() - 3600)),
+            "jwt_expired",
+        ),
+        (
+            "nbf in the future",
+            at(&rsa, &|c| c["nbf"] = json!(now() + 3600)),
+            "jwt_not_yet_valid",
+        ),
+        (
+            "wrong aud",
+            at(&rsa, &|c| c["aud"] = json!("someone-else")),
+            "jwt_wrong_audience",
+        ),
+        (
+            "wrong iss",
+            at(&rsa, &|c| c["iss"] = json!("https://evil.test")),
+            "jwt_wrong_issuer",
+        ),
+        (
+            "no exp",
+            at(&rsa, &|c| {
+                c.as_object_mut().unwrap().remove("exp");
+            }),
+            "jwt_malformed",
+        ),
+        (
+            "unknown kid",
+            Keys::generate(Algorithm::RS256, "nobody").sign(&good),
+            "jwt_unknown_key",
+        ),
+        (
+            "oversized",
+            format!("{}.{}.{}", "a".repeat(5000), "b".repeat(5000), "c"),
+            "jwt_too_large",
+        ),
+        ("garbage base64", "!!!.@@@.###".to_string(), "jwt_malformed"),
+        ("two parts", "abc.def".to_string(), "jwt_malformed"),
+        (
+            "header not JSON",
+            format!(
+                "{}.e30.sig",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("nope")
+            ),
+            "jwt_malformed",
+        ),
+        (
+            "two tokens (a duplicated authorization header)",
+            format!("{valid},Bearer {valid}"),
+            "jwt_multiple_tokens",
+        ),
+    ];
+    let fetches_before = jwks.fetches();
+    for (note, token, reason) in &cases {
+        let got = server.check(with_token(token)).await;
+        assert_eq!((got.allowed, got.status), (false, 401), "{note}");
+        assert_eq!(got.reason, *reason, "{note}");
+        assert_eq!(
+            got.header("www-authenticate"),
+            Some("Bearer error=\"invalid_token\""),
+            "{note}"
+        );
+    }
+    // Unknown kids each triggered at most one refetch (interval 0 here), never a storm.
+    assert!(
+        jwks.fetches() - fetches_before <= 3,
+        "fetches: {}",
+        jwks.fetches() - fetches_before
+    );
+
+    // And the valid token still works.
+    assert!(server.check(with_token(&valid)).await.allowed);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn key_rotation_is_picked_up_after_one_refetch() {
+    let old = Keys::generate(Algorithm::ES256, "2026-01");
+    let new = Keys::generate(Algorithm::ES256, "2026-02");
+    let jwks = JwksServer::start(&[&old]).await;
+    let (server, _dir) = token_server(&provider(&jwks.uri(), "")).await;
+    assert!(
+        server
+            .check(with_token(&old.sign(&claims("a", ""))))
+            .await
+            .allowed
+    );
+    let before = jwks.fetches();
+
+    jwks.set_keys(&[&old, &new]);
+    let got = server.check(with_token(&new.sign(&claims("b", "")))).await;
+    assert!(got.allowed, "{got:?}");
+    assert_eq!(
+        jwks.fetches(),
+        before + 1,
+        "exactly one re-fetch for the new kid"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_requests_with_a_new_kid_cause_one_fetch() {
+    let old = Keys::generate(Algorithm::ES256, "old");
+    let new = Keys::generate(Algorithm::ES256, "new");
+    let jwks = JwksServer::start(&[&old]).await;
+    let (server, _dir) = token_server(&provider(&jwks.uri(), "")).await;
+    assert!(
+        server
+            .check(with_token(&old.sign(&claims("a", ""))))
+            .await
+            .allowed
+    );
+    let before = jwks.fetches();
+    jwks.set_keys(&[&old, &new]);
+    // Slow the JWKS down so every request arrives while the fetch is in flight.
+    jwks.set_delay(Duration::from_millis(300));
+
+    let server = std::sync::Arc::new(server);
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        // Distinct tokens, so the verified-token cache cannot absorb them.
+        let token = new.sign(&claims(&format!("user{i}"), ""));
+        let s = server.clone();
+        tasks.push(tokio::spawn(async move {
+            s.check(with_token(&token)).await.allowed
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        if t.await.unwrap() {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 1000);
+    assert_eq!(jwks.fetches(), before + 1, "single flight");
+}
+
+#[tokio::test]
+async fn issuer_outage_serves_cached_keys_until_max_stale() {
+    let k = Keys::generate(Algorithm::RS256, "k");
+    let jwks = JwksServer::start(&[&k]).await;
+    let (server, _dir) = token_server(&provider(
+        &jwks.uri(),
+        r#", refresh_interval: "1s", max_stale: "3s""#,
+    ))
+    .await;
+    assert!(
+        server
+            .check(with_token(&k.sign(&claims("a", ""))))
+            .await
+            .allowed
+    );
+
+    jwks.set_status(500);
+    // Still within max_stale: new tokens verify with the cached key.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        server
+            .check(with_token(&k.sign(&claims("b", ""))))
+            .await
+            .allowed
+    );
+    let (_, ready) = server.get("/readyz").await;
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert!(
+        ready["jwks"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("HTTP 500"),
+        "{ready}"
+    );
+
+    // Past max_stale: keys are no longer trusted.
+    let stale = eventually(Duration::from_secs(6), async || {
+        let got = server.check(with_token(&k.sign(&claims("c", "")))).await;
+        !got.allowed && got.reason == "jwt_keys_unavailable"
+    })
+    .await;
+    assert!(stale, "keys must stop being used after max_stale");
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(metrics.contains(r#"meshauthz_jwks_fetches_total{provider="corp",result="error"}"#));
+
+    // The issuer comes back: keys are fetched again and tokens verify.
+    jwks.set_status(200);
+    let back = eventually(Duration::from_secs(5), async || {
+        server
+            .check(with_token(&k.sign(&claims("d", ""))))
+            .await
+            .allowed
+    })
+    .await;
+    assert!(back);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_issuer_at_startup_does_not_stop_the_server() {
+    // A port nothing listens on.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    let (server, _dir) = token_server(&provider(
+        &format!("http://{addr}/keys"),
+        r#", max_wait: "200ms""#,
+    ))
+    .await;
+    let k = Keys::generate(Algorithm::RS256, "k");
+    let got = server.check(with_token(&k.sign(&claims("a", "")))).await;
+    assert_eq!(
+        (got.allowed, got.status, got.reason.as_str()),
+        (false, 401, "jwt_keys_unavailable")
+    );
+    // Requests without a token are still decided by the policy.
+    assert_eq!(server.check(request(None, "GET", "/")).await.status, 403);
+    let (status, ready) = server.get("/readyz").await;
+    assert_eq!(status, 200);
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(ready["jwks"][0]["usable"], false);
+    assert!(ready["jwks"][0]["last_error"].is_string());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn revoked_jti_is_refused_and_the_list_reloads() {
+    let k = Keys::generate(Algorithm::ES256, "k");
+    let jwks = JwksServer::start(&[&k]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let revoked = dir.path().join("revoked.txt");
+    std::fs::write(&revoked, "# revoked tokens\njti-one\n").unwrap();
+    let yaml = format!(
+        "  revocation_file: \"{}\"\n{}",
+        revoked.display(),
+        provider(&jwks.uri(), "")
+    );
+    let (server, _dir2) = token_server(&yaml).await;
+
+    let mut c1 = claims("a", "");
+    c1["jti"] = json!("jti-one");
+    let got = server.check(with_token(&k.sign(&c1))).await;
+    assert_eq!((got.status, got.reason.as_str()), (401, "jwt_revoked"));
+
+    let mut c2 = claims("b", "");
+    c2["jti"] = json!("jti-two");
+    let t2 = k.sign(&c2);
+    assert!(server.check(with_token(&t2)).await.allowed);
+    // Revoke the second token after it was verified (and cached).
+    std::fs::write(&revoked, "jti-one\njti-two\n").unwrap();
+    let refused = eventually(Duration::from_secs(6), async || {
+        server.check(with_token(&t2)).await.reason == "jwt_revoked"
+    })
+    .await;
+    assert!(refused, "a cached token is refused once its jti is revoked");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn issuer_selects_the_provider_and_hmac_needs_a_secret() {
+    let k = Keys::generate(Algorithm::RS256, "k");
+    let jwks = JwksServer::start(&[&k]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hs.key");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef-secret").unwrap();
+    let yaml = format!(
+        r#"{}    - name: internal
+      issuer: "https://internal.test"
+      hmac_secret_file: "{}"
+      algorithms: ["HS256"]
+"#,
+        provider(&jwks.uri(), ""),
+        secret.display()
+    );
+    let (server, _dir2) = token_server(&yaml).await;
+
+    let corp = server.check(with_token(&k.sign(&claims("a", "")))).await;
+    assert_eq!(corp.header("x-provider"), Some("corp"));
+
+    let mut c = claims("svc", "");
+    c["iss"] = json!("https://internal.test");
+    let hs = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &c,
+        &jsonwebtoken::EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef-secret"),
+    )
+    .unwrap();
+    let internal = server.check(with_token(&hs)).await;
+    assert_eq!(
+        internal.header("x-provider"),
+        Some("internal"),
+        "{internal:?}"
+    );
+
+    // An HS256 token for the corp issuer: corp does not allow HS256.
+    let hs_corp = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims("x", ""),
+        &jsonwebtoken::EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef-secret"),
+    )
+    .unwrap();
+    assert_eq!(
+        server.check(with_token(&hs_corp)).await.reason,
+        "jwt_disallowed_algorithm"
+    );
+
+    // An RS256 token for an issuer nobody configured.
+    let mut c = claims("x", "");
+    c["iss"] = json!("https://stranger.test");
+    assert_eq!(
+        server.check(with_token(&k.sign(&c))).await.reason,
+        "jwt_unknown_issuer"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_token_is_verified_once() {
+    let k = Keys::generate(Algorithm::RS256, "k");
+    let jwks = JwksServer::start(&[&k]).await;
+    let (server, _dir) = token_server(&provider(&jwks.uri(), "")).await;
+    let t = k.sign(&claims("a", ""));
+    for _ in 0..5 {
+        assert!(server.check(with_token(&t)).await.allowed);
+    }
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(
+        metrics.contains(r#"meshauthz_jwt_validations_total{provider="corp",result="ok"} 1"#),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn claim_headers_cannot_be_forged() {
+    let k = Keys::generate(Algorithm::RS256, "k");
+    let jwks = JwksServer::start(&[&k]).await;
+    let (server, _dir) = token_server(&provider(&jwks.uri(), "")).await;
+    let req = Req {
+        method: "GET",
+        path: "/",
+        ..Default::default()
+    }
+    .header("x-jwt-sub", "admin")
+    .bearer(&k.sign(&claims("alice", "")));
+    let got = server.check(req.build()).await;
+    // Overwrite, not append: the upstream sees exactly one value, the verified one.
+    assert_eq!(got.headers["x-jwt-sub"], vec![("alice".to_string(), 2)]);
+    server.stop().await;
+}
