@@ -53,7 +53,11 @@ decision_log: {{ enabled: false }}
 fn bench(c: &mut Criterion) {
     let algs = [
         Algorithm::RS256,
+        Algorithm::RS384,
+        Algorithm::RS512,
         Algorithm::PS256,
+        Algorithm::PS384,
+        Algorithm::PS512,
         Algorithm::ES256,
         Algorithm::ES384,
         Algorithm::EdDSA,

@@ -254,3 +254,71 @@ impl Logger {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logger(only_denied: bool, sample_rate: f64) -> Logger {
+        let dir = std::env::temp_dir().join(format!("meshauthz-log-{}", fastrand::u64(..)));
+        Logger::start(
+            Config {
+                output: Output::File(dir),
+                only_denied,
+                sample_rate,
+                ..Config::default()
+            },
+            Arc::new(Metrics::new()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn denials_are_always_logged_and_allows_follow_the_mode() {
+        let all = logger(false, 1.0);
+        assert!(all.wants(true) && all.wants(false));
+        let denied = logger(true, 1.0);
+        assert!(!denied.wants(true) && denied.wants(false));
+        let none = logger(false, 0.0);
+        assert!(!none.wants(true) && none.wants(false));
+        let half = logger(false, 0.5);
+        let logged = (0..10_000).filter(|_| half.wants(true)).count();
+        assert!(
+            (4_000..6_000).contains(&logged),
+            "{logged} of 10000 at rate 0.5"
+        );
+        let off = Logger::start(
+            Config {
+                enabled: false,
+                ..Config::default()
+            },
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        assert!(!off.wants(false));
+    }
+
+    #[test]
+    fn only_allow_listed_headers_are_copied() {
+        let l = Logger::start(
+            Config {
+                enabled: false,
+                headers: vec!["x-request-id".into()],
+                ..Config::default()
+            },
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let headers: std::collections::BTreeMap<String, String> = [
+            ("x-request-id", "r1"),
+            ("authorization", "Bearer secret"),
+            ("cookie", "s=1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let got = l.headers(&headers);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got["x-request-id"], "r1");
+    }
+}

@@ -44,6 +44,26 @@ enum Command {
         #[arg(long, short)]
         input: PathBuf,
     },
+    /// Run the `test_*` rules of policy trees (like `opa test`); exit 1 if any fails.
+    Test {
+        /// Policy files or directories (their data documents are loaded too).
+        #[arg(default_value = "policies")]
+        paths: Vec<PathBuf>,
+        /// Show what failing tests evaluated to, and their print() output.
+        #[arg(long, short)]
+        verbose: bool,
+        /// Parse modules as Rego v0.
+        #[arg(long)]
+        v0: bool,
+    },
+    /// Check a config: load it, compile every policy, check the decision rule exists; with
+    /// --check-jwks also fetch every JWKS. Exit 1 on any problem (for CI and init containers).
+    Validate {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        check_jwks: bool,
+    },
     /// Print the version.
     Version,
 }
@@ -99,6 +119,58 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 app.serve(grpc, http, signal).await
             })?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Test { paths, verbose, v0 } => {
+            let version = if v0 {
+                meshauthz::policy::RegoVersion::V0
+            } else {
+                meshauthz::policy::RegoVersion::V1
+            };
+            let results = meshauthz::policy::testing::run(&paths, version)?;
+            let root = std::env::current_dir().unwrap_or_default();
+            let (text, ok) = meshauthz::policy::testing::report(&results, verbose, &root);
+            print!("{text}");
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Validate { config, check_jwks } => {
+            let mut config = Config::load(&config)?;
+            config.decision_log.enabled = false;
+            let file = config.file.clone();
+            let app = App::build(config)?;
+            let policy = app.authz.policy.current();
+            println!(
+                "{}: ok: {} modules, decision rule {} ({} engine), revision {}",
+                file.display(),
+                policy.modules().len(),
+                policy.decision_rule(),
+                policy.engine(),
+                policy.revision()
+            );
+            let mut ok = true;
+            if check_jwks {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start the runtime")?;
+                for (provider, result) in rt.block_on(app.authz.jwt.check_all_jwks()) {
+                    match result {
+                        Ok(n) => println!("jwt provider {provider}: JWKS ok, {n} keys"),
+                        Err(e) => {
+                            ok = false;
+                            println!("jwt provider {provider}: JWKS error: {e}");
+                        }
+                    }
+                }
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Eval { config, input } => {
             let mut config = Config::load(&config)?;

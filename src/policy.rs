@@ -11,6 +11,7 @@
 
 mod loader;
 mod store;
+pub mod testing;
 mod watch;
 
 use std::cell::RefCell;

@@ -207,3 +207,217 @@ async fn serve_on_the_bundled_config_answers_checks_and_exits_on_sigterm() {
     eprintln!("drained and exited in {:?}", started.elapsed());
     drop(client);
 }
+
+#[test]
+fn test_command_passes_on_the_bundled_policies() {
+    let out = meshauthz().args(["test", "policies"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("policies/envoy/authz/authz_test.rego:"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("data.envoy.authz_test.test_frontend_reads_catalog: PASS"),
+        "{stdout}"
+    );
+    let passed = stdout.lines().find(|l| l.starts_with("PASS: ")).unwrap();
+    let (n, total) = passed.trim_start_matches("PASS: ").split_once('/').unwrap();
+    assert_eq!(n, total);
+    assert!(n.parse::<usize>().unwrap() >= 10, "{stdout}");
+}
+
+#[test]
+fn test_command_fails_clearly_on_a_broken_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.rego"),
+        "package p\nimport rego.v1\nallow if input.role == \"admin\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("p_test.rego"),
+        "package p_test\nimport rego.v1\nimport data.p\n\
+         test_admin if p.allow with input as {\"role\": \"admin\"}\n\
+         test_guest_wrongly_expected if { print(\"checking guest\"); p.allow with input as {\"role\": \"guest\"} }\n\
+         test_errors if to_number(\"x\") == 1\n\
+         test_conflict := x if { x := 1 }\ntest_conflict := x if { x := 2 }\n",
+    )
+    .unwrap();
+    let out = meshauthz()
+        .args(["test", "-v"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("data.p_test.test_admin: PASS"), "{stdout}");
+    assert!(
+        stdout.contains("data.p_test.test_guest_wrongly_expected: FAIL"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("p_test.rego:5: checking guest"),
+        "-v shows prints: {stdout}"
+    );
+    assert!(
+        stdout.contains("data.p_test.test_conflict: ERROR"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("FAIL: "), "{stdout}");
+
+    // A syntax error is reported with file:line and a non-zero exit.
+    std::fs::write(dir.path().join("bad.rego"), "package bad\nallow if {\n").unwrap();
+    let out = meshauthz().args(["test"]).arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.rego:"), "{stderr}");
+}
+
+#[test]
+fn validate_checks_config_policies_and_jwks() {
+    let out = meshauthz()
+        .args(["validate", "--check-jwks"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ok: 1 modules, decision rule data.envoy.authz.result"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("jwt provider demo: JWKS ok, 1 keys"),
+        "{stdout}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "policy:\n  paths: [\"{policies}\"]\n  decision: data.envoy.authz.nope\n",
+    );
+    let out = meshauthz()
+        .args(["validate", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("decision rule data.envoy.authz.nope is not defined")
+    );
+
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = l.local_addr().unwrap();
+    drop(l);
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "policy:\n  paths: [\"{{policies}}\"]\n  decision: data.envoy.authz.result\njwt:\n  providers:\n    - {{ name: down, issuer: i, jwks: {{ uri: \"http://{dead}/keys\" }} }}\n"
+        ),
+    );
+    let out = meshauthz()
+        .args(["validate", "--check-jwks", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("jwt provider down: JWKS error"));
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_policy() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let policy = dir.path().join("policies/p.rego");
+    std::fs::write(
+        &policy,
+        "package envoy.authz\nimport rego.v1\nallow := false\n",
+    )
+    .unwrap();
+    let config = write_config(
+        dir.path(),
+        "policy:\n  paths: [policies]\n  watch: false\ndecision_log: { enabled: false }\n",
+    );
+    let mut child = meshauthz()
+        .args([
+            "serve",
+            "--text-logs",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let grpc = loop {
+        let line = rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+        if let Some(rest) = line.split("grpc=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let mut client = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(
+        format!("http://{grpc}"),
+    )
+    .await
+    .unwrap();
+    let check = async |c: &mut envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient<tonic::transport::Channel>| {
+        Outcome::from(c.check(request(None, "GET", "/")).await.unwrap().into_inner()).allowed
+    };
+    assert!(!check(&mut client).await);
+    std::fs::write(
+        &policy,
+        "package envoy.authz\nimport rego.v1\nallow := true\n",
+    )
+    .unwrap();
+    // Not watching: nothing changes until SIGHUP.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!check(&mut client).await);
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if check(&mut client).await {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(reloaded, "SIGHUP reloads the policy");
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.wait().unwrap().success());
+}

