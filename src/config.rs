@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::{decision_log, jwt, limits, policy};
+use crate::{decision_log, http_authz, jwt, limits, policy};
 
 /// Where the bundled default config lives, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/meshauthz.yaml";
@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub worker_threads: Option<usize>,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// The HTTP ext_authz mode on the HTTP listener.
+    pub http_authz: http_authz::Config,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +82,8 @@ struct RawServer {
     worker_threads: usize,
     #[serde(default = "default_shutdown_grace")]
     shutdown_grace: String,
+    #[serde(default)]
+    http_authz: http_authz::RawConfig,
 }
 
 impl Default for RawServer {
@@ -89,6 +93,7 @@ impl Default for RawServer {
             http_addr: default_http_addr(),
             worker_threads: 0,
             shutdown_grace: default_shutdown_grace(),
+            http_authz: http_authz::RawConfig::default(),
         }
     }
 }
@@ -199,6 +204,7 @@ impl RawServer {
             http_addr: ctx.socket_addr("server.http_addr", &self.http_addr)?,
             worker_threads: (self.worker_threads > 0).then_some(self.worker_threads),
             shutdown_grace: ctx.duration("server.shutdown_grace", &self.shutdown_grace)?,
+            http_authz: self.http_authz.validate(ctx)?,
         })
     }
 }

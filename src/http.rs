@@ -7,7 +7,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{any, get};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
@@ -27,11 +27,22 @@ struct Readiness {
 }
 
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(app)
+        .route("/metrics", get(metrics));
+    let authz = &app.config.server.http_authz;
+    if authz.enabled {
+        let prefix = authz.path_prefix.clone();
+        router = router
+            .route(&prefix, any(crate::http_authz::handle))
+            .route(&format!("{prefix}/"), any(crate::http_authz::handle))
+            .route(
+                &format!("{prefix}/{{*rest}}"),
+                any(crate::http_authz::handle),
+            );
+    }
+    router.with_state(app)
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {

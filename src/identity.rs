@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+pub mod xfcc;
+
 /// The longest SPIFFE ID the specification allows.
 pub const MAX_LEN: usize = 2048;
 

@@ -11,7 +11,9 @@
 //!   [`input`] (the policy input document) → [`policy`] (regorus evaluation) → [`decision`]
 //!   (what the policy's value means) → [`decision_log`] and [`telemetry`].
 //! - [`policy`] also owns loading, the content-hash revision, hot reload and file watching.
-//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`, and [`http_authz`], the HTTP ext_authz mode
+//!   (Envoy `http_service`), which feeds the same pipeline (peer identity from a trusted
+//!   `x-forwarded-client-cert`, parsed in [`identity::xfcc`]).
 //! - [`config`]: the YAML file, validated into typed sections owned by each module.
 //! - [`app`]: wiring for `serve`, `eval` and friends; `main.rs` only parses the command line.
 #![forbid(unsafe_code)]
@@ -22,6 +24,7 @@ pub mod config;
 pub mod decision;
 pub mod decision_log;
 pub mod http;
+pub mod http_authz;
 pub mod identity;
 pub mod input;
 pub mod jwt;

@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::mesh::{Envoy, Pki, echo_server};
+use common::mesh::{Authz, Envoy, Pki, echo_server};
 use common::*;
 use jsonwebtoken::Algorithm;
 
@@ -45,6 +45,11 @@ fn copy_dir(from: &Path, to: &Path) {
 
 impl Mesh {
     async fn start() -> Mesh {
+        Mesh::start_with(false).await
+    }
+
+    /// `http_mode`: Envoy calls the HTTP ext_authz endpoint instead of gRPC.
+    async fn start_with(http_mode: bool) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         std::fs::create_dir(&certs).unwrap();
@@ -57,6 +62,8 @@ impl Mesh {
             dir.path(),
             &format!(
                 r#"
+server:
+  http_authz: {{ enabled: true, path_prefix: /authz, trusted_xfcc: true }}
 policy:
   paths: [policies]
   decision: "data.envoy.authz.result"
@@ -75,7 +82,13 @@ decision_log: {{ enabled: false }}
         );
         let server = TestServer::start(&config).await;
         let upstream = echo_server().await;
-        let envoy = Envoy::start(&pki, server.grpc, upstream).await;
+        let (grpc, http) = (server.grpc, server.http);
+        let authz = if http_mode {
+            Authz::Http { grpc, http }
+        } else {
+            Authz::Grpc { grpc, http }
+        };
+        let envoy = Envoy::start(&pki, authz, upstream).await;
         Mesh {
             pki,
             keys,
@@ -254,4 +267,61 @@ async fn a_policy_edit_takes_effect_through_envoy() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(status, 200, "the edited binding took effect through Envoy");
+}
+
+#[tokio::test]
+async fn http_ext_authz_mode_decides_with_the_same_pipeline() {
+    let mesh = Mesh::start_with(true).await;
+    // Identity from the XFCC header Envoy sets (SANITIZE_SET), token verified, headers upstream.
+    let token = mesh.keys.sign(&claims("alice", "orders:write"));
+    let auth = format!("Bearer {token}");
+    let (status, _, body) = mesh
+        .get(
+            CHECKOUT,
+            reqwest::Method::POST,
+            "/api/orders?x=1",
+            &[("authorization", &auth), ("x-jwt-sub", "mallory")],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", mesh.envoy.log());
+    let seen = upstream_saw(&body);
+    assert_eq!(seen["x-jwt-sub"], vec!["alice"]);
+    assert_eq!(seen["x-meshauthz-peer"], vec![CHECKOUT]);
+
+    // A forged claim header without a token is removed.
+    let (status, _, body) = mesh
+        .get(
+            FRONTEND,
+            reqwest::Method::GET,
+            "/api/products/1",
+            &[("x-jwt-sub", "mallory")],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!upstream_saw(&body).contains_key("x-jwt-sub"));
+
+    // Denials relay the policy's status, body and allowed headers.
+    let (status, headers, body) = mesh
+        .get(FRONTEND, reqwest::Method::DELETE, "/api/products/1", &[])
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(body, r#"{"error":"forbidden"}"#);
+    assert_eq!(headers["content-type"], "application/json");
+    assert!(headers.contains_key("x-meshauthz-decision-id"));
+
+    let forged = Keys::generate(Algorithm::RS256, "mesh-key").sign(&claims("alice", ""));
+    let auth = format!("Bearer {forged}");
+    let (status, headers, _) = mesh
+        .get(
+            CHECKOUT,
+            reqwest::Method::POST,
+            "/api/orders",
+            &[("authorization", &auth)],
+        )
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        headers["www-authenticate"],
+        "Bearer error=\"invalid_token\""
+    );
 }

@@ -534,3 +534,44 @@ async fn dry_run_allows_but_reports_the_computed_denial() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn http_mode_trusts_xfcc_only_when_configured() {
+    let xfcc = "By=spiffe://cluster.local/ns/shop/sa/backend;URI=spiffe://cluster.local/ns/shop/sa/frontend";
+    for (trusted, want) in [(true, 200), (false, 403)] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(
+            dir.path(),
+            &format!(
+                "server:\n  http_authz: {{ enabled: true, trusted_xfcc: {trusted} }}\npolicy:\n  paths: [\"{{policies}}\"]\n  decision: data.envoy.authz.result\ndecision_log: {{ enabled: false }}\n"
+            ),
+        );
+        let server = TestServer::start(&config).await;
+        let resp = reqwest::Client::new()
+            .get(format!(
+                "http://{}/authz/api/products/1?page=2",
+                server.http
+            ))
+            .header("x-forwarded-client-cert", xfcc)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), want, "trusted_xfcc: {trusted}");
+        assert!(resp.headers().contains_key("x-meshauthz-decision-id"));
+        if trusted {
+            assert_eq!(
+                resp.headers()["x-meshauthz-peer"],
+                "spiffe://cluster.local/ns/shop/sa/frontend"
+            );
+        }
+        // A malformed XFCC is a 400 when trusted.
+        let bad = reqwest::Client::new()
+            .get(format!("http://{}/authz/api/products/1", server.http))
+            .header("x-forwarded-client-cert", "URI=\"unterminated")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bad.status().as_u16(), if trusted { 400 } else { 403 });
+        server.stop().await;
+    }
+}

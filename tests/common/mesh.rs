@@ -113,6 +113,15 @@ pub fn envoy_bin() -> PathBuf {
     );
 }
 
+/// Which ext_authz transport Envoy uses to reach meshauthz.
+#[derive(Debug, Clone, Copy)]
+pub enum Authz {
+    /// `grpc_service` to the gRPC listener.
+    Grpc { grpc: SocketAddr, http: SocketAddr },
+    /// `http_service` to the HTTP listener's `/authz` prefix.
+    Http { grpc: SocketAddr, http: SocketAddr },
+}
+
 /// A running Envoy; killed on drop.
 pub struct Envoy {
     child: tokio::process::Child,
@@ -123,12 +132,33 @@ pub struct Envoy {
 
 impl Envoy {
     /// Starts Envoy from `tests/e2e/envoy.yaml` pointed at meshauthz and the upstream.
-    pub async fn start(pki: &Pki, meshauthz: SocketAddr, upstream: SocketAddr) -> Envoy {
+    pub async fn start(pki: &Pki, authz: Authz, upstream: SocketAddr) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
-        let template = std::fs::read_to_string(super::repo().join("tests/e2e/envoy.yaml")).unwrap();
-        let config = template
+        let e2e = super::repo().join("tests/e2e");
+        let template = std::fs::read_to_string(e2e.join("envoy.yaml")).unwrap();
+        let (snippet, grpc, http) = match authz {
+            Authz::Grpc { grpc, http } => ("authz-grpc.yaml", grpc, http),
+            Authz::Http { grpc, http } => ("authz-http.yaml", grpc, http),
+        };
+        let service = std::fs::read_to_string(e2e.join(snippet)).unwrap();
+        let service: Vec<&str> = service.lines().filter(|l| !l.starts_with('#')).collect();
+        // Indent the snippet to where the placeholder stands.
+        let config: String = template
+            .lines()
+            .map(|line| match line.find("${AUTHZ_SERVICE}") {
+                Some(indent) if line.trim() == "${AUTHZ_SERVICE}" => service
+                    .iter()
+                    .map(|s| format!("{}{s}", " ".repeat(indent)))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                _ => line.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = config
             .replace("${CERTS}", &pki.dir.display().to_string())
-            .replace("${MESHAUTHZ_PORT}", &meshauthz.port().to_string())
+            .replace("${MESHAUTHZ_PORT}", &grpc.port().to_string())
+            .replace("${MESHAUTHZ_HTTP_PORT}", &http.port().to_string())
             .replace("${UPSTREAM_PORT}", &upstream.port().to_string());
         let config_path = dir.path().join("envoy.yaml");
         std::fs::write(&config_path, config).unwrap();
