@@ -101,13 +101,30 @@ impl App {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        let grpc_task = tokio::spawn(server::run(
-            grpc,
-            self.authz.clone(),
-            health_service,
-            stopped(),
-        ));
-        let http_task = tokio::spawn(http::run(http_listener, self.clone(), stopped()));
+        let tls = match &self.config.server.tls {
+            Some(cfg) => {
+                let tls = crate::tls::Tls::load(cfg.clone()).context("cannot load TLS")?;
+                tls.start_reloader();
+                Some(tls)
+            }
+            None => None,
+        };
+        let grpc_task = match tls.as_ref().filter(|t| t.config().grpc) {
+            Some(t) => tokio::spawn(server::run_tls(
+                t.incoming(grpc),
+                self.authz.clone(),
+                health_service,
+                stopped(),
+            )),
+            None => tokio::spawn(server::run(
+                grpc,
+                self.authz.clone(),
+                health_service,
+                stopped(),
+            )),
+        };
+        let http_tls = tls.filter(|t| t.config().http);
+        let http_task = tokio::spawn(http::run(http_listener, self.clone(), http_tls, stopped()));
         tracing::info!(
             grpc = %grpc_addr,
             http = %http_addr,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::{decision_log, http_authz, jwt, limits, policy};
+use crate::{decision_log, http_authz, jwt, limits, policy, tls};
 
 /// Where the bundled default config lives, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/meshauthz.yaml";
@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// The HTTP ext_authz mode on the HTTP listener.
     pub http_authz: http_authz::Config,
+    /// TLS (and optionally mTLS) on our listeners.
+    pub tls: Option<tls::Config>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +86,7 @@ struct RawServer {
     shutdown_grace: String,
     #[serde(default)]
     http_authz: http_authz::RawConfig,
+    tls: Option<tls::RawConfig>,
 }
 
 impl Default for RawServer {
@@ -94,6 +97,7 @@ impl Default for RawServer {
             worker_threads: 0,
             shutdown_grace: default_shutdown_grace(),
             http_authz: http_authz::RawConfig::default(),
+            tls: None,
         }
     }
 }
@@ -205,6 +209,7 @@ impl RawServer {
             worker_threads: (self.worker_threads > 0).then_some(self.worker_threads),
             shutdown_grace: ctx.duration("server.shutdown_grace", &self.shutdown_grace)?,
             http_authz: self.http_authz.validate(ctx)?,
+            tls: self.tls.map(|t| t.validate(ctx)).transpose()?,
         })
     }
 }

@@ -75,13 +75,24 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     )
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves (over TLS when `server.tls` covers the HTTP listener).
 pub async fn run(
     listener: TcpListener,
     app: Arc<App>,
+    tls: Option<Arc<crate::tls::Tls>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let router = router(app);
+    match tls {
+        Some(tls) => {
+            axum::serve(crate::tls::TlsListener::new(&tls, listener)?, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
 }

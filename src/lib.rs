@@ -14,6 +14,7 @@
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`, and [`http_authz`], the HTTP ext_authz mode
 //!   (Envoy `http_service`), which feeds the same pipeline (peer identity from a trusted
 //!   `x-forwarded-client-cert`, parsed in [`identity::xfcc`]).
+//! - [`tls`]: rustls TLS/mTLS for both listeners, with certificate reload.
 //! - [`config`]: the YAML file, validated into typed sections owned by each module.
 //! - [`app`]: wiring for `serve`, `eval` and friends; `main.rs` only parses the command line.
 #![forbid(unsafe_code)]
@@ -34,3 +35,4 @@ pub mod policy;
 pub mod request;
 pub mod server;
 pub mod telemetry;
+pub mod tls;

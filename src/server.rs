@@ -57,7 +57,19 @@ impl Authorization for CheckService {
 /// The service name gRPC health reports for ext_authz.
 pub const SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
 
-/// Serves ext_authz and gRPC health on `listener` until `shutdown` resolves, then drains.
+fn routes(
+    authz: Arc<Authorizer>,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> tonic::transport::server::Router {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(AuthorizationServer::new(CheckService::new(authz)))
+}
+
+/// Serves ext_authz and gRPC health on `listener` until `shutdown` resolves.
 pub async fn run(
     listener: TcpListener,
     authz: Arc<Authorizer>,
@@ -66,11 +78,28 @@ pub async fn run(
     >,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .add_service(health_service)
-        .add_service(AuthorizationServer::new(CheckService::new(authz)))
+    routes(authz, health_service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// As [`run`], over TLS connections from [`crate::tls::Tls::incoming`].
+pub async fn run_tls(
+    incoming: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        std::net::SocketAddr,
+    )>,
+    authz: Arc<Authorizer>,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    use tokio_stream::StreamExt as _;
+    let stream = tokio_stream::wrappers::ReceiverStream::new(incoming)
+        .map(|(conn, _)| Ok::<_, std::io::Error>(conn));
+    routes(authz, health_service)
+        .serve_with_incoming_shutdown(stream, shutdown)
         .await
 }
 

@@ -19,6 +19,16 @@ use jsonwebtoken::Algorithm;
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const CHECKOUT: &str = "spiffe://cluster.local/ns/shop/sa/checkout";
 
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Envoy calls the gRPC listener in plaintext.
+    Grpc,
+    /// Envoy calls the gRPC listener over mTLS.
+    GrpcTls,
+    /// Envoy calls the HTTP ext_authz endpoint.
+    Http,
+}
+
 /// meshauthz (bundled policies, copied so a test may edit them), a JWKS server, an upstream and
 /// Envoy in front.
 struct Mesh {
@@ -45,11 +55,10 @@ fn copy_dir(from: &Path, to: &Path) {
 
 impl Mesh {
     async fn start() -> Mesh {
-        Mesh::start_with(false).await
+        Mesh::start_with(Mode::Grpc).await
     }
 
-    /// `http_mode`: Envoy calls the HTTP ext_authz endpoint instead of gRPC.
-    async fn start_with(http_mode: bool) -> Mesh {
+    async fn start_with(mode: Mode) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         std::fs::create_dir(&certs).unwrap();
@@ -58,12 +67,21 @@ impl Mesh {
         copy_dir(&repo().join("policies"), &policies);
         let keys = Keys::generate(Algorithm::RS256, "mesh-key");
         let jwks = JwksServer::start(&[&keys]).await;
+        // meshauthz's own serving certificate, from the mesh CA (for the mTLS mode).
+        let (cert, key) = pki.issue(None, &["localhost"]);
+        std::fs::write(certs.join("meshauthz.pem"), cert).unwrap();
+        std::fs::write(certs.join("meshauthz-key.pem"), key).unwrap();
+        let tls = if matches!(mode, Mode::GrpcTls) {
+            "  tls: { cert_file: certs/meshauthz.pem, key_file: certs/meshauthz-key.pem, client_ca_file: certs/ca.pem, listeners: [grpc] }\n"
+        } else {
+            ""
+        };
         let config = write_config(
             dir.path(),
             &format!(
                 r#"
 server:
-  http_authz: {{ enabled: true, path_prefix: /authz, trusted_xfcc: true }}
+{tls}  http_authz: {{ enabled: true, path_prefix: /authz, trusted_xfcc: true }}
 policy:
   paths: [policies]
   decision: "data.envoy.authz.result"
@@ -80,13 +98,17 @@ decision_log: {{ enabled: false }}
                 jwks.uri()
             ),
         );
-        let server = TestServer::start(&config).await;
+        let server = if matches!(mode, Mode::GrpcTls) {
+            TestServer::start_tls(&config).await
+        } else {
+            TestServer::start(&config).await
+        };
         let upstream = echo_server().await;
         let (grpc, http) = (server.grpc, server.http);
-        let authz = if http_mode {
-            Authz::Http { grpc, http }
-        } else {
-            Authz::Grpc { grpc, http }
+        let authz = match mode {
+            Mode::Grpc => Authz::Grpc { grpc, http },
+            Mode::GrpcTls => Authz::GrpcTls { grpc, http },
+            Mode::Http => Authz::Http { grpc, http },
         };
         let envoy = Envoy::start(&pki, authz, upstream).await;
         Mesh {
@@ -271,7 +293,7 @@ async fn a_policy_edit_takes_effect_through_envoy() {
 
 #[tokio::test]
 async fn http_ext_authz_mode_decides_with_the_same_pipeline() {
-    let mesh = Mesh::start_with(true).await;
+    let mesh = Mesh::start_with(Mode::Http).await;
     // Identity from the XFCC header Envoy sets (SANITIZE_SET), token verified, headers upstream.
     let token = mesh.keys.sign(&claims("alice", "orders:write"));
     let auth = format!("Bearer {token}");
@@ -324,4 +346,18 @@ async fn http_ext_authz_mode_decides_with_the_same_pipeline() {
         headers["www-authenticate"],
         "Bearer error=\"invalid_token\""
     );
+}
+
+#[tokio::test]
+async fn envoy_reaches_meshauthz_over_mtls() {
+    let mesh = Mesh::start_with(Mode::GrpcTls).await;
+    let (status, _, body) = mesh
+        .get(FRONTEND, reqwest::Method::GET, "/api/products/1", &[])
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", mesh.envoy.log());
+    assert_eq!(upstream_saw(&body)["x-meshauthz-peer"], vec![FRONTEND]);
+    let (status, _, _) = mesh
+        .get(FRONTEND, reqwest::Method::DELETE, "/api/products/1", &[])
+        .await;
+    assert_eq!(status, 403);
 }

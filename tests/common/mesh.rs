@@ -118,8 +118,33 @@ pub fn envoy_bin() -> PathBuf {
 pub enum Authz {
     /// `grpc_service` to the gRPC listener.
     Grpc { grpc: SocketAddr, http: SocketAddr },
+    /// `grpc_service` to the gRPC listener, which serves mTLS.
+    GrpcTls { grpc: SocketAddr, http: SocketAddr },
     /// `http_service` to the HTTP listener's `/authz` prefix.
     Http { grpc: SocketAddr, http: SocketAddr },
+}
+
+/// Replaces a line holding only `placeholder` with the YAML in `snippet` (comment lines dropped),
+/// indented to the placeholder's column; without a snippet the line is removed.
+fn splice(template: &str, placeholder: &str, snippet: Option<&Path>) -> String {
+    let snippet = snippet.map(|p| std::fs::read_to_string(p).unwrap());
+    template
+        .lines()
+        .filter_map(|line| {
+            if line.trim() != placeholder {
+                return Some(line.to_string());
+            }
+            let indent = " ".repeat(line.len() - line.trim_start().len());
+            snippet.as_ref().map(|s| {
+                s.lines()
+                    .filter(|l| !l.starts_with('#'))
+                    .map(|l| format!("{indent}{l}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A running Envoy; killed on drop.
@@ -137,24 +162,14 @@ impl Envoy {
         let e2e = super::repo().join("tests/e2e");
         let template = std::fs::read_to_string(e2e.join("envoy.yaml")).unwrap();
         let (snippet, grpc, http) = match authz {
-            Authz::Grpc { grpc, http } => ("authz-grpc.yaml", grpc, http),
+            Authz::Grpc { grpc, http } | Authz::GrpcTls { grpc, http } => {
+                ("authz-grpc.yaml", grpc, http)
+            }
             Authz::Http { grpc, http } => ("authz-http.yaml", grpc, http),
         };
-        let service = std::fs::read_to_string(e2e.join(snippet)).unwrap();
-        let service: Vec<&str> = service.lines().filter(|l| !l.starts_with('#')).collect();
-        // Indent the snippet to where the placeholder stands.
-        let config: String = template
-            .lines()
-            .map(|line| match line.find("${AUTHZ_SERVICE}") {
-                Some(indent) if line.trim() == "${AUTHZ_SERVICE}" => service
-                    .iter()
-                    .map(|s| format!("{}{s}", " ".repeat(indent)))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                _ => line.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        let config = splice(&template, "${AUTHZ_SERVICE}", Some(&e2e.join(snippet)));
+        let tls = matches!(authz, Authz::GrpcTls { .. }).then(|| e2e.join("meshauthz-tls.yaml"));
+        let config = splice(&config, "${MESHAUTHZ_TLS}", tls.as_deref());
         let config = config
             .replace("${CERTS}", &pki.dir.display().to_string())
             .replace("${MESHAUTHZ_PORT}", &grpc.port().to_string())

@@ -56,7 +56,17 @@ impl TestServer {
         Self::start_config(config).await
     }
 
+    /// Like [`TestServer::start`] for a config whose gRPC listener uses TLS: no plaintext client.
+    pub async fn start_tls(config_file: &Path) -> TestServer {
+        let config = Config::load(config_file).unwrap_or_else(|e| panic!("{e}"));
+        Self::start_inner(config, false).await
+    }
+
     pub async fn start_config(config: Config) -> TestServer {
+        Self::start_inner(config, true).await
+    }
+
+    async fn start_inner(config: Config, plaintext: bool) -> TestServer {
         let app = App::build(config).unwrap_or_else(|e| panic!("{e:#}"));
         let grpc_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -66,7 +76,16 @@ impl TestServer {
         let task = tokio::spawn(app.clone().serve(grpc_l, http_l, async move {
             let _ = rx.await;
         }));
-        let client = connect(grpc).await;
+        let client = if plaintext {
+            connect(grpc).await
+        } else {
+            // A client that is never used: TLS tests build their own.
+            AuthorizationClient::new(
+                tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+                    .unwrap()
+                    .connect_lazy(),
+            )
+        };
         TestServer {
             grpc,
             http,
