@@ -154,11 +154,11 @@ impl Authorizer {
             return Decision::bad_request("request has no HTTP attributes");
         };
         if let Err(detail) = self.check_limits(http) {
-            return Decision::bad_request(detail);
+            return Decision::deny(400, Reason::new("limit_exceeded", detail));
         }
-        let target = match path::parse(&http.path) {
+        let target = match path::parse_with(&http.path, self.limits.ambiguous_paths) {
             Ok(t) => t,
-            Err(e) => return Decision::bad_request(e.to_string()),
+            Err(e) => return Decision::deny(400, Reason::new("bad_path", e.to_string())),
         };
         facts.peer = attrs
             .source_principal()

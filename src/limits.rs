@@ -18,6 +18,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Longest `:path` (with query) accepted, in bytes.
     pub max_path_bytes: usize,
+    /// What to do with paths the policy and the upstream could read differently.
+    pub ambiguous_paths: crate::path::Mode,
 }
 
 impl Default for Limits {
@@ -27,6 +29,7 @@ impl Default for Limits {
             max_headers: 128,
             max_header_bytes: 64 * 1024,
             max_path_bytes: 8 * 1024,
+            ambiguous_paths: crate::path::Mode::Reject,
         }
     }
 }
@@ -38,6 +41,7 @@ pub struct RawLimits {
     max_headers: Option<usize>,
     max_header_bytes: Option<usize>,
     max_path_bytes: Option<usize>,
+    ambiguous_paths: Option<crate::path::Mode>,
 }
 
 impl RawLimits {
@@ -57,6 +61,7 @@ impl RawLimits {
                 d.max_header_bytes,
             )?,
             max_path_bytes: positive("max_path_bytes", self.max_path_bytes, d.max_path_bytes)?,
+            ambiguous_paths: self.ambiguous_paths.unwrap_or_default(),
         })
     }
 }

@@ -1,5 +1,10 @@
 //! The README must show the Envoy configuration the end-to-end tests actually use.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
@@ -15,9 +20,14 @@ fn readme_shows_the_envoy_config_the_e2e_tests_use() {
         .lines()
         .map(str::trim)
         .filter(|l| {
-            ["transport_api_version", "failure_mode_allow", "include_peer_certificate", "status_on_error"]
-                .iter()
-                .any(|k| l.starts_with(k))
+            [
+                "transport_api_version",
+                "failure_mode_allow",
+                "include_peer_certificate",
+                "status_on_error",
+            ]
+            .iter()
+            .any(|k| l.starts_with(k))
         })
         .collect();
     assert_eq!(filter.len(), 4);
@@ -29,11 +39,19 @@ fn readme_shows_the_envoy_config_the_e2e_tests_use() {
     }
     for file in ["authz-grpc.yaml", "authz-http.yaml", "meshauthz-tls.yaml"] {
         let text = std::fs::read_to_string(repo().join("tests/e2e").join(file)).unwrap();
-        for l in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        for l in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
             if !readme_lines.contains(&l) {
                 missing.push(format!("tests/e2e/{file}: {l}"));
             }
         }
     }
-    assert!(missing.is_empty(), "README lacks lines the e2e tests use:\n{}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "README lacks lines the e2e tests use:\n{}",
+        missing.join("\n")
+    );
 }

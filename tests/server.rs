@@ -575,3 +575,137 @@ async fn http_mode_trusts_xfcc_only_when_configured() {
         server.stop().await;
     }
 }
+
+#[derive(Debug, Deserialize)]
+struct PathCases {
+    cases: Vec<PathCase>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathCase {
+    note: String,
+    path: String,
+    reject: PathWant,
+    normalize: PathWant,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathWant {
+    status: u16,
+    parsed: Option<Vec<String>>,
+}
+
+const ECHO_PATH: &str = r#"
+package envoy.authz
+import rego.v1
+
+allow := {"allowed": true, "headers": {"x-parsed-path": json.marshal(input.parsed_path)}}
+"#;
+
+#[tokio::test]
+async fn ambiguous_paths_table_in_both_modes() {
+    let text = std::fs::read_to_string(repo().join("tests/cases/paths.yaml")).unwrap();
+    let file: PathCases = yaml_serde::from_str(&text).unwrap();
+    let mut failures = Vec::new();
+    for mode in ["reject", "normalize"] {
+        let (server, _dir) = server_with_policy(
+            ECHO_PATH,
+            &format!("limits: {{ ambiguous_paths: {mode} }}\n"),
+        )
+        .await;
+        for case in &file.cases {
+            let want = if mode == "reject" {
+                &case.reject
+            } else {
+                &case.normalize
+            };
+            let got = server.check(request(None, "GET", &case.path)).await;
+            let parsed: Option<Vec<String>> = got
+                .header("x-parsed-path")
+                .map(|h| serde_json::from_str(h).unwrap());
+            if got.status != want.status || (want.parsed.is_some() && parsed != want.parsed) {
+                failures.push(format!(
+                    "[{mode}] {} ({:?}): status {} parsed {parsed:?}, want {} {:?}",
+                    case.note, case.path, got.status, want.status, want.parsed
+                ));
+            }
+            if want.status == 400 && got.reason != "bad_path" {
+                failures.push(format!("[{mode}] {}: reason {}", case.note, got.reason));
+            }
+        }
+        server.stop().await;
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[derive(Debug, Deserialize)]
+struct LimitCases {
+    cases: Vec<LimitCase>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitCase {
+    note: String,
+    path_bytes: Option<usize>,
+    headers: Option<usize>,
+    header_bytes: Option<usize>,
+    token_bytes: Option<usize>,
+    #[serde(default)]
+    duplicate_authorization: bool,
+    want: u16,
+    reason: Option<String>,
+}
+
+#[tokio::test]
+async fn limits_table() {
+    let keys = Keys::generate(Algorithm::ES256, "k");
+    let jwks = JwksServer::start(&[&keys]).await;
+    let extra = format!(
+        "jwt:\n  providers:\n    - {{ name: corp, issuer: \"{ISSUER}\", jwks: {{ uri: \"{}\" }} }}\n",
+        jwks.uri()
+    );
+    let (server, _dir) = server_with_policy(ECHO_PATH, &extra).await;
+    let text = std::fs::read_to_string(repo().join("tests/cases/limits.yaml")).unwrap();
+    let file: LimitCases = yaml_serde::from_str(&text).unwrap();
+    let mut failures = Vec::new();
+    let names: Vec<&'static str> = (0..200)
+        .map(|i| &*Box::leak(format!("x-h{i}").into_boxed_str()))
+        .collect();
+    for case in &file.cases {
+        let path = match case.path_bytes {
+            Some(n) => format!("/{}", "a".repeat(n - 1)),
+            None => "/".to_string(),
+        };
+        let mut req = Req {
+            method: "GET",
+            path: &path,
+            ..Default::default()
+        };
+        // The request already carries 5 headers (:method, :path, :authority, :scheme, x-request-id).
+        for name in names.iter().take(case.headers.map_or(0, |n| n - 5)) {
+            req = req.header(name, "v");
+        }
+        if let Some(n) = case.header_bytes {
+            req = req.header("x-big", "v".repeat(n));
+        }
+        if let Some(n) = case.token_bytes {
+            req = req.bearer(&"a".repeat(n));
+        }
+        if case.duplicate_authorization {
+            let t = keys.sign(&claims("a", ""));
+            req = req.header("authorization", format!("Bearer {t},Bearer {t}"));
+        }
+        let got = server.check(req.build()).await;
+        if got.status != case.want || case.reason.as_ref().is_some_and(|r| r != &got.reason) {
+            failures.push(format!(
+                "{}: status {} reason {:?}, want {} {:?}",
+                case.note, got.status, got.reason, case.want, case.reason
+            ));
+        }
+    }
+    server.stop().await;
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
