@@ -32,6 +32,9 @@ MESHAUTHZ_BIN="$ROOT/target/debug/meshauthz" GRPCURL="$GRPCURL" tests/proto_grpc
 echo "== meshauthz test policies/"
 target/debug/meshauthz test policies
 
+echo "== the chart ships the bundled policies unchanged"
+diff -r -x '*_test.rego' policies k8s/helm/meshauthz/policies
+
 echo "== Kubernetes and Istio packaging (helm, kubernetes-validate, golden files)"
 MESHAUTHZ_BIN="$ROOT/target/debug/meshauthz" tests/k8s.sh
 
