@@ -86,7 +86,7 @@ impl Authorizer {
         let computed_allowed = decision.allowed;
         let decision_id = new_decision_id();
 
-        let enforced = if self.dry_run && !decision.allowed {
+        let mut enforced = if self.dry_run && !decision.allowed {
             let mut allow = Decision::allow(decision.reason.clone());
             // Identity headers still flow, so upstreams behave as they will once enforced.
             allow.request_headers_to_remove = decision.request_headers_to_remove.clone();
@@ -94,7 +94,6 @@ impl Authorizer {
         } else {
             decision.clone()
         };
-        let mut enforced = enforced;
         add_decision_id(&mut enforced, &decision_id);
 
         let elapsed = start.elapsed();

@@ -580,7 +580,7 @@ impl Verifier {
         !self.providers.is_empty()
     }
 
-    /// Every token header name, so a forged copy can be recognised.
+    /// Per-provider JWKS state for `/readyz`.
     pub fn jwks_status(&self) -> Vec<JwksStatus> {
         self.providers
             .iter()

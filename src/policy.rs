@@ -17,6 +17,7 @@ mod watch;
 use std::cell::RefCell;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -25,7 +26,6 @@ use regorus::rvm::{Program, RegoVM};
 use regorus::utils::limits::ExecutionTimerConfig;
 use regorus::{CompiledPolicy, Engine, Value};
 use serde::Deserialize;
-use std::sync::Arc;
 
 use crate::config::{self, Ctx};
 

@@ -421,3 +421,69 @@ async fn sighup_reloads_the_policy() {
     );
     assert!(child.wait().unwrap().success());
 }
+
+/// A closed stdout (the decision log's default output) must not block or crash request handling.
+#[tokio::test]
+async fn a_closed_decision_log_output_does_not_stop_decisions() {
+    use std::io::BufRead;
+    let mut child = meshauthz()
+        .args([
+            "serve",
+            "--text-logs",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end of stdout: every decision-log write now fails (EPIPE).
+    drop(child.stdout.take());
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let grpc = loop {
+        let line = rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+        if let Some(rest) = line.split("grpc=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let mut client = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(
+        format!("http://{grpc}"),
+    )
+    .await
+    .unwrap();
+    for _ in 0..500 {
+        let resp = client
+            .check(request(
+                Some("spiffe://cluster.local/ns/shop/sa/frontend"),
+                "GET",
+                "/api/products/1",
+            ))
+            .await
+            .expect("decisions keep flowing with a closed log output");
+        assert!(Outcome::from(resp.into_inner()).allowed);
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server is still running"
+    );
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.wait().unwrap().success());
+}

@@ -563,3 +563,65 @@ async fn jwks_file_source_and_a_garbage_jwks() {
     assert!(ready.contains("JWKS is not JSON"), "{ready}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_or_hanging_jwks_never_holds_requests_past_the_budget() {
+    let old = Keys::generate(Algorithm::ES256, "old");
+    let new = Keys::generate(Algorithm::ES256, "new");
+    let jwks = JwksServer::start(&[&old]).await;
+    let (server, _dir) = token_server(&provider(
+        &jwks.uri(),
+        r#", max_wait: "200ms", fetch_timeout: "1s""#,
+    ))
+    .await;
+    assert!(
+        server
+            .check(with_token(&old.sign(&claims("a", ""))))
+            .await
+            .allowed
+    );
+
+    // The issuer hangs (longer than fetch_timeout) while a token with a new kid arrives.
+    jwks.set_keys(&[&old, &new]);
+    jwks.set_delay(Duration::from_secs(30));
+    let started = std::time::Instant::now();
+    let got = server.check(with_token(&new.sign(&claims("b", "")))).await;
+    let waited = started.elapsed();
+    assert_eq!((got.status, got.reason.as_str()), (401, "jwt_unknown_key"));
+    // Bounded by max_wait (generous margin for a loaded CI machine, still far below the hang).
+    assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+    // Cached keys keep serving meanwhile.
+    assert!(
+        server
+            .check(with_token(&old.sign(&claims("c", ""))))
+            .await
+            .allowed
+    );
+    // The hung fetch times out and is counted.
+    let counted = eventually(Duration::from_secs(5), async || {
+        server
+            .get("/metrics")
+            .await
+            .1
+            .contains(r#"meshauthz_jwks_fetches_total{provider="corp",result="error"}"#)
+    })
+    .await;
+    assert!(counted, "a fetch past fetch_timeout counts as an error");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_jwks_is_refused() {
+    let k = Keys::generate(Algorithm::ES256, "k");
+    let jwks = JwksServer::start(&[&k]).await;
+    // A valid JWKS padded past the 1 MiB cap.
+    let mut doc: serde_json::Value = serde_json::from_str(&jwks_body(&[&k])).unwrap();
+    doc["padding"] = json!("x".repeat(2 * 1024 * 1024));
+    jwks.set_body(&doc.to_string());
+    let (server, _dir) = token_server(&provider(&jwks.uri(), r#", max_wait: "500ms""#)).await;
+    let got = server.check(with_token(&k.sign(&claims("a", "")))).await;
+    assert_eq!(got.reason, "jwt_keys_unavailable");
+    let (_, ready) = server.get("/readyz").await;
+    assert!(ready.contains("larger than 1048576 bytes"), "{ready}");
+    server.stop().await;
+}
