@@ -38,6 +38,9 @@ diff -r -x '*_test.rego' policies k8s/helm/meshauthz/policies
 echo "== Kubernetes and Istio packaging (helm, kubernetes-validate, golden files)"
 MESHAUTHZ_BIN="$ROOT/target/debug/meshauthz" tests/k8s.sh
 
+echo "== fuzz targets, short runs (tests/fuzz.sh)"
+tests/fuzz.sh
+
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
