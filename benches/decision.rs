@@ -14,7 +14,6 @@ use std::hint::black_box;
 
 use common::{Keys, Req, claims, repo};
 use criterion::{Criterion, criterion_group, criterion_main};
-use jsonwebtoken::Algorithm;
 use meshauthz::app::App;
 use meshauthz::config::Config;
 use meshauthz::identity::SpiffeId;
@@ -51,17 +50,7 @@ decision_log: {{ enabled: false }}
 }
 
 fn bench(c: &mut Criterion) {
-    let algs = [
-        Algorithm::RS256,
-        Algorithm::RS384,
-        Algorithm::RS512,
-        Algorithm::PS256,
-        Algorithm::PS384,
-        Algorithm::PS512,
-        Algorithm::ES256,
-        Algorithm::ES384,
-        Algorithm::EdDSA,
-    ];
+    let algs = meshauthz::jwt::ASYMMETRIC;
     let keys: Vec<Keys> = algs
         .iter()
         .map(|a| Keys::generate(*a, &format!("{a:?}")))

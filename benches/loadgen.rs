@@ -232,7 +232,7 @@ fn setup(dir: &Path, bindings: usize, worker_threads: usize) {
     .unwrap();
     // Policies: the bundled ones, plus optionally a large bindings document.
     let policies = dir.join("policies");
-    copy_dir(&repo().join("policies"), &policies);
+    common::copy_dir(&repo().join("policies"), &policies);
     if bindings > 0 {
         let data_file = policies.join("rbac/data.json");
         let mut data: serde_json::Value =
@@ -265,18 +265,6 @@ decision_log: {{ enabled: false }}
         common::AUDIENCE
     );
     std::fs::write(dir.join("meshauthz.yaml"), config).unwrap();
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
 }
 
 /// Prebuilt requests (so the generator spends no time building them) with expected answers.

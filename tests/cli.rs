@@ -132,80 +132,103 @@ fn eval_reports_an_unreadable_input() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-file.json: cannot read input"));
 }
 
+type Client = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient<
+    tonic::transport::Channel,
+>;
+
+/// A `meshauthz serve` process on ephemeral ports, with a gRPC client connected to it.
+struct Served {
+    child: std::process::Child,
+    client: Client,
+}
+
+impl Served {
+    /// Starts the binary with `args` after `serve --text-logs` and the ephemeral addresses; finds
+    /// the gRPC address in its log line.
+    async fn start(args: &[&std::ffi::OsStr], stdout: std::process::Stdio) -> Served {
+        use std::io::BufRead;
+        let mut child = meshauthz()
+            .args([
+                "serve",
+                "--text-logs",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .stdout(stdout)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let grpc = loop {
+            let line = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("the server logs its gRPC address");
+            if let Some(rest) = line.split("grpc=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        let client = Client::connect(format!("http://{grpc}")).await.unwrap();
+        Served { child, client }
+    }
+
+    async fn allowed(&mut self, principal: Option<&str>, method: &str, path: &str) -> Outcome {
+        let resp = self
+            .client
+            .check(request(principal, method, path))
+            .await
+            .expect("a Check never fails at the gRPC level");
+        Outcome::from(resp.into_inner())
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// SIGTERM, then the exit status must be success.
+    fn terminate(mut self) -> std::time::Duration {
+        let started = std::time::Instant::now();
+        self.signal("-TERM");
+        let exit = self.child.wait().unwrap();
+        assert!(exit.success(), "exits 0 after SIGTERM: {exit:?}");
+        started.elapsed()
+    }
+}
+
 /// What the README's run command does: the bundled config and policies, served for real, then a
-/// SIGTERM that drains and exits cleanly.
+/// SIGTERM that drains and exits cleanly (with a client connection still open).
 #[tokio::test]
 async fn serve_on_the_bundled_config_answers_checks_and_exits_on_sigterm() {
-    use std::io::BufRead;
-    let mut child = meshauthz()
-        .args([
-            "serve",
-            "--text-logs",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let mut grpc = None;
-    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(30)) {
-        if let Some(rest) = line.split("grpc=").nth(1) {
-            grpc = rest.split_whitespace().next().map(str::to_owned);
-            break;
-        }
-    }
-    let grpc = grpc.expect("the server logs its gRPC address");
-    let mut client = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(
-        format!("http://{grpc}"),
-    )
-    .await
-    .unwrap();
-    let allowed = client
-        .check(request(
-            Some("spiffe://cluster.local/ns/shop/sa/frontend"),
-            "GET",
-            "/api/products/1",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(Outcome::from(allowed).allowed);
-    let denied = Outcome::from(
-        client
-            .check(request(
-                Some("spiffe://cluster.local/ns/shop/sa/frontend"),
-                "DELETE",
-                "/api/products/1",
-            ))
+    let mut served = Served::start(&[], std::process::Stdio::null()).await;
+    let frontend = Some("spiffe://cluster.local/ns/shop/sa/frontend");
+    assert!(
+        served
+            .allowed(frontend, "GET", "/api/products/1")
             .await
-            .unwrap()
-            .into_inner(),
+            .allowed
     );
+    let denied = served.allowed(frontend, "DELETE", "/api/products/1").await;
     assert_eq!((denied.allowed, denied.status), (false, 403));
-
-    let started = std::time::Instant::now();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = child.wait().unwrap();
-    assert!(exit.success(), "exits 0 after SIGTERM: {exit:?}");
-    eprintln!("drained and exited in {:?}", started.elapsed());
-    drop(client);
+    let took = served.terminate();
+    eprintln!("drained and exited in {took:?}");
 }
 
 #[test]
@@ -335,7 +358,6 @@ fn validate_checks_config_policies_and_jwks() {
 
 #[tokio::test]
 async fn sighup_reloads_the_policy() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     let policy = dir.path().join("policies/p.rego");
@@ -348,45 +370,12 @@ async fn sighup_reloads_the_policy() {
         dir.path(),
         "policy:\n  paths: [policies]\n  watch: false\ndecision_log: { enabled: false }\n",
     );
-    let mut child = meshauthz()
-        .args([
-            "serve",
-            "--text-logs",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&config)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let grpc = loop {
-        let line = rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
-        if let Some(rest) = line.split("grpc=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    let mut client = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(
-        format!("http://{grpc}"),
+    let mut served = Served::start(
+        &["--config".as_ref(), config.as_os_str()],
+        std::process::Stdio::null(),
     )
-    .await
-    .unwrap();
-    let check = async |c: &mut envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient<tonic::transport::Channel>| {
-        Outcome::from(c.check(request(None, "GET", "/")).await.unwrap().into_inner()).allowed
-    };
-    assert!(!check(&mut client).await);
+    .await;
+    assert!(!served.allowed(None, "GET", "/").await.allowed);
     std::fs::write(
         &policy,
         "package envoy.authz\nimport rego.v1\nallow := true\n",
@@ -394,96 +383,39 @@ async fn sighup_reloads_the_policy() {
     .unwrap();
     // Not watching: nothing changes until SIGHUP.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert!(!check(&mut client).await);
-    let pid = child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(!served.allowed(None, "GET", "/").await.allowed);
+    served.signal("-HUP");
     let mut reloaded = false;
     for _ in 0..100 {
-        if check(&mut client).await {
+        if served.allowed(None, "GET", "/").await.allowed {
             reloaded = true;
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(reloaded, "SIGHUP reloads the policy");
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(child.wait().unwrap().success());
+    served.terminate();
 }
 
 /// A closed stdout (the decision log's default output) must not block or crash request handling.
 #[tokio::test]
 async fn a_closed_decision_log_output_does_not_stop_decisions() {
-    use std::io::BufRead;
-    let mut child = meshauthz()
-        .args([
-            "serve",
-            "--text-logs",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut served = Served::start(&[], std::process::Stdio::piped()).await;
     // Close the read end of stdout: every decision-log write now fails (EPIPE).
-    drop(child.stdout.take());
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let grpc = loop {
-        let line = rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
-        if let Some(rest) = line.split("grpc=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    let mut client = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(
-        format!("http://{grpc}"),
-    )
-    .await
-    .unwrap();
+    drop(served.child.stdout.take());
     for _ in 0..500 {
-        let resp = client
-            .check(request(
+        let o = served
+            .allowed(
                 Some("spiffe://cluster.local/ns/shop/sa/frontend"),
                 "GET",
                 "/api/products/1",
-            ))
-            .await
-            .expect("decisions keep flowing with a closed log output");
-        assert!(Outcome::from(resp.into_inner()).allowed);
+            )
+            .await;
+        assert!(o.allowed, "decisions keep flowing with a closed log output");
     }
     assert!(
-        child.try_wait().unwrap().is_none(),
+        served.child.try_wait().unwrap().is_none(),
         "the server is still running"
     );
-    let pid = child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(child.wait().unwrap().success());
+    served.terminate();
 }

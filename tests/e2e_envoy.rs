@@ -10,7 +10,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use common::mesh::{Authz, Envoy, Pki, echo_server};
 use common::*;
@@ -41,18 +40,6 @@ struct Mesh {
     _dir: tempfile::TempDir,
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
-
 impl Mesh {
     async fn start() -> Mesh {
         Mesh::start_with(Mode::Grpc).await
@@ -64,7 +51,7 @@ impl Mesh {
         std::fs::create_dir(&certs).unwrap();
         let pki = Pki::new(&certs);
         let policies = dir.path().join("policies");
-        copy_dir(&repo().join("policies"), &policies);
+        common::copy_dir(&repo().join("policies"), &policies);
         let keys = Keys::generate(Algorithm::RS256, "mesh-key");
         let jwks = JwksServer::start(&[&keys]).await;
         // meshauthz's own serving certificate, from the mesh CA (for the mTLS mode).

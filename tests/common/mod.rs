@@ -136,6 +136,19 @@ async fn connect(addr: SocketAddr) -> AuthorizationClient<tonic::transport::Chan
     panic!("server at {addr} did not accept connections");
 }
 
+/// Copies a directory tree (the bundled policies into a test's own, editable copy).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
 /// A config file in a temp dir; `{policies}` in the text is replaced with the bundled policy dir.
 pub fn write_config(dir: &Path, yaml: &str) -> PathBuf {
     let file = dir.join("meshauthz.yaml");
