@@ -213,6 +213,16 @@ impl Served {
     }
 }
 
+impl Drop for Served {
+    /// A failing test must not leave a server behind.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// What the README's run command does: the bundled config and policies, served for real, then a
 /// SIGTERM that drains and exits cleanly (with a client connection still open).
 #[tokio::test]
