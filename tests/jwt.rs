@@ -234,21 +234,23 @@ async fn attack_tokens_are_denied_with_the_right_reason() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn key_rotation_is_picked_up_after_one_refetch() {
+/// A server that has verified a token of the issuer's old key, after which the issuer starts
+/// publishing a new key too. Returns the new key and the fetch count at that point.
+async fn rotated_issuer() -> (Keys, JwksServer, TestServer, tempfile::TempDir, usize) {
     let old = Keys::generate(Algorithm::ES256, "2026-01");
     let new = Keys::generate(Algorithm::ES256, "2026-02");
     let jwks = JwksServer::start(&[&old]).await;
-    let (server, _dir) = token_server(&provider(&jwks.uri(), "")).await;
-    assert!(
-        server
-            .check(with_token(&old.sign(&claims("a", ""))))
-            .await
-            .allowed
-    );
+    let (server, dir) = token_server(&provider(&jwks.uri(), "")).await;
+    let warm = server.check(with_token(&old.sign(&claims("a", "")))).await;
+    assert!(warm.allowed, "{warm:?}");
     let before = jwks.fetches();
-
     jwks.set_keys(&[&old, &new]);
+    (new, jwks, server, dir, before)
+}
+
+#[tokio::test]
+async fn key_rotation_is_picked_up_after_one_refetch() {
+    let (new, jwks, server, _dir, before) = rotated_issuer().await;
     let got = server.check(with_token(&new.sign(&claims("b", "")))).await;
     assert!(got.allowed, "{got:?}");
     assert_eq!(
@@ -261,18 +263,7 @@ async fn key_rotation_is_picked_up_after_one_refetch() {
 
 #[tokio::test]
 async fn a_thousand_concurrent_requests_with_a_new_kid_cause_one_fetch() {
-    let old = Keys::generate(Algorithm::ES256, "old");
-    let new = Keys::generate(Algorithm::ES256, "new");
-    let jwks = JwksServer::start(&[&old]).await;
-    let (server, _dir) = token_server(&provider(&jwks.uri(), "")).await;
-    assert!(
-        server
-            .check(with_token(&old.sign(&claims("a", ""))))
-            .await
-            .allowed
-    );
-    let before = jwks.fetches();
-    jwks.set_keys(&[&old, &new]);
+    let (new, jwks, server, _dir, before) = rotated_issuer().await;
     // Slow the JWKS down so every request arrives while the fetch is in flight.
     jwks.set_delay(Duration::from_millis(300));
 
