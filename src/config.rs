@@ -190,13 +190,16 @@ impl Config {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let ctx = Ctx { file, base_dir };
+        let limits = raw.limits.validate(&ctx)?;
+        let mut jwt = raw.jwt.validate(&ctx)?;
+        jwt.max_claims_depth = limits.max_claims_depth;
         Ok(Config {
             file: file.to_path_buf(),
             server: raw.server.validate(&ctx)?,
             policy: raw.policy.validate(&ctx)?,
-            jwt: raw.jwt.validate(&ctx)?,
+            jwt,
             decision_log: raw.decision_log.validate(&ctx)?,
-            limits: raw.limits.validate(&ctx)?,
+            limits,
         })
     }
 }

@@ -178,9 +178,12 @@ impl Logger {
             .name("decision-log".into())
             .spawn(move || {
                 let mut buf = Vec::with_capacity(64 * 1024);
+                // Say once when writes start failing (full disk, closed pipe) and once when
+                // they recover; the dropped counter carries the volume.
+                let mut failing = false;
                 while let Ok(first) = rx.recv() {
                     buf.clear();
-                    let mut n = 0;
+                    let mut n = 0u64;
                     let mut next = Some(first);
                     // Batch whatever is queued into one write.
                     while let Some(entry) = next {
@@ -194,9 +197,18 @@ impl Logger {
                             None
                         };
                     }
-                    if out.write_all(&buf).and_then(|()| out.flush()).is_err() {
-                        for _ in 0..n {
-                            m.decision_log_dropped();
+                    match out.write_all(&buf).and_then(|()| out.flush()) {
+                        Ok(()) if failing => {
+                            failing = false;
+                            tracing::info!("decision log writes succeed again");
+                        }
+                        Ok(()) => {}
+                        Err(e) => {
+                            m.decision_log_dropped_by(n);
+                            if !failing {
+                                failing = true;
+                                tracing::warn!(error = %e, "decision log write failed; lines are dropped and counted (meshauthz_decision_log_dropped_total) until writes succeed");
+                            }
                         }
                     }
                 }

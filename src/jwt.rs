@@ -40,6 +40,9 @@ pub struct Config {
     pub revocation_file: Option<PathBuf>,
     /// Most verified tokens kept in the cache.
     pub cache_capacity: u64,
+    /// Deepest nesting of arrays/objects accepted in a token's header or claims (`limits.
+    /// max_claims_depth`): checked before the signature, so a hostile payload costs one parse.
+    pub max_claims_depth: usize,
 }
 
 /// One trusted issuer.
@@ -229,6 +232,7 @@ impl RawConfig {
             providers,
             revocation_file: self.revocation_file.map(|f| ctx.resolve(&f)),
             cache_capacity: self.cache_capacity.unwrap_or(10_000),
+            max_claims_depth: crate::limits::Limits::default().max_claims_depth,
         })
     }
 }
@@ -392,6 +396,8 @@ pub enum Failure {
     MultipleTokens,
     #[error("token is larger than {0} bytes")]
     TooLarge(usize),
+    #[error("token JSON nests deeper than {0} levels")]
+    TooDeep(usize),
     #[error("algorithm {0} is not allowed")]
     DisallowedAlgorithm(String),
     #[error("no provider is configured for this issuer")]
@@ -421,6 +427,7 @@ impl Failure {
             Failure::Malformed(_) => "jwt_malformed",
             Failure::MultipleTokens => "jwt_multiple_tokens",
             Failure::TooLarge(_) => "jwt_too_large",
+            Failure::TooDeep(_) => "jwt_too_deep",
             Failure::DisallowedAlgorithm(_) => "jwt_disallowed_algorithm",
             Failure::UnknownIssuer => "jwt_unknown_issuer",
             Failure::UnknownKey => "jwt_unknown_key",
@@ -497,6 +504,7 @@ pub struct Verifier {
     sources: Vec<FromHeader>,
     cache: moka::sync::Cache<String, Arc<Verified>>,
     revocations: Option<Arc<Revocations>>,
+    max_claims_depth: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -560,6 +568,7 @@ impl Verifier {
                 })
                 .build(),
             revocations,
+            max_claims_depth: config.max_claims_depth,
             metrics,
         })
     }
@@ -702,8 +711,15 @@ impl Verifier {
         if self.providers.len() == 1 {
             return Ok(0);
         }
-        let payload = segment(token, 1)?;
-        let claims: serde_json::Value = decode_json_segment(payload)?;
+        let claims = decode_json_segment(segment(token, 1)?, self.max_claims_depth)?;
+        self.provider_for_claims(&claims)
+    }
+
+    /// The provider whose issuer is the (not yet verified) payload's `iss`.
+    fn provider_for_claims(&self, claims: &serde_json::Value) -> Result<usize, Failure> {
+        if self.providers.len() == 1 {
+            return Ok(0);
+        }
         let iss = claims
             .get("iss")
             .and_then(|v| v.as_str())
@@ -722,7 +738,8 @@ impl Verifier {
             ));
         }
         // Read `alg` ourselves first: jsonwebtoken cannot even represent `none`.
-        let raw_header: serde_json::Value = decode_json_segment(segment(token, 0)?)?;
+        let raw_header = decode_json_segment(segment(token, 0)?, self.max_claims_depth)?;
+        let unverified = decode_json_segment(segment(token, 1)?, self.max_claims_depth)?;
         let alg_name = raw_header
             .get("alg")
             .and_then(|a| a.as_str())
@@ -733,7 +750,7 @@ impl Verifier {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| Failure::Malformed(format!("header: {e}")))?;
 
-        let index = self.select_provider(token)?;
+        let index = self.provider_for_claims(&unverified)?;
         let provider = self.providers.get(index).ok_or(Failure::UnknownIssuer)?;
         let cfg = &provider.config;
         if !cfg.algorithms.contains(&alg) {
@@ -826,16 +843,50 @@ fn segment(token: &str, i: usize) -> Result<&str, Failure> {
         .ok_or_else(|| Failure::Malformed("missing part".into()))
 }
 
-fn decode_json_segment(seg: &str) -> Result<serde_json::Value, Failure> {
+/// Decodes a header or payload segment into a JSON object no deeper than `max_depth`.
+fn decode_json_segment(seg: &str, max_depth: usize) -> Result<serde_json::Value, Failure> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(seg.trim_end_matches('='))
         .map_err(|_| Failure::Malformed("invalid base64url".into()))?;
+    // Cheap pre-scan: serde_json would stop at 128 levels, but our limit is usually lower and a
+    // deep document should cost nothing beyond one pass over its bytes.
+    if bracket_depth(&bytes) > max_depth {
+        return Err(Failure::TooDeep(max_depth));
+    }
     let v: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|_| Failure::Malformed("invalid JSON".into()))?;
     if !v.is_object() {
         return Err(Failure::Malformed("expected a JSON object".into()));
     }
     Ok(v)
+}
+
+/// Deepest `[`/`{` nesting in JSON text, ignoring brackets inside strings. The top-level object
+/// counts as depth 1. Never under-counts a valid document; garbage is caught by the parser.
+pub fn bracket_depth(json: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 fn decode(

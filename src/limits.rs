@@ -18,6 +18,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Longest `:path` (with query) accepted, in bytes.
     pub max_path_bytes: usize,
+    /// Deepest array/object nesting accepted in a token's header or claims.
+    pub max_claims_depth: usize,
     /// What to do with paths the policy and the upstream could read differently.
     pub ambiguous_paths: crate::path::Mode,
 }
@@ -29,6 +31,8 @@ impl Default for Limits {
             max_headers: 128,
             max_header_bytes: 64 * 1024,
             max_path_bytes: 8 * 1024,
+            // Real claims nest 3–4 levels (resource_access.<client>.roles[]).
+            max_claims_depth: 16,
             ambiguous_paths: crate::path::Mode::Reject,
         }
     }
@@ -41,6 +45,7 @@ pub struct RawLimits {
     max_headers: Option<usize>,
     max_header_bytes: Option<usize>,
     max_path_bytes: Option<usize>,
+    max_claims_depth: Option<usize>,
     ambiguous_paths: Option<crate::path::Mode>,
 }
 
@@ -61,6 +66,11 @@ impl RawLimits {
                 d.max_header_bytes,
             )?,
             max_path_bytes: positive("max_path_bytes", self.max_path_bytes, d.max_path_bytes)?,
+            max_claims_depth: positive(
+                "max_claims_depth",
+                self.max_claims_depth,
+                d.max_claims_depth,
+            )?,
             ambiguous_paths: self.ambiguous_paths.unwrap_or_default(),
         })
     }

@@ -197,6 +197,10 @@ impl Metrics {
         self.decision_log_dropped.inc();
     }
 
+    pub fn decision_log_dropped_by(&self, n: u64) {
+        self.decision_log_dropped.inc_by(n);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();

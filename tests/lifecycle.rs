@@ -258,3 +258,127 @@ decision_log:
     }
     server.stop().await;
 }
+
+/// Every way a policy file can go bad on disk: each reload fails, is counted, and the last good
+/// revision keeps deciding. (The server runs as root in CI, so "unreadable" is made with a
+/// symlink loop and invalid UTF-8 rather than file modes, which root ignores.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_file_faults_keep_the_last_good_policy_serving() {
+    type Fault = fn(&std::path::Path);
+    let faults: &[(&str, Fault)] = &[
+        ("truncated mid-write", |p| {
+            // Written in place, not renamed: the watcher sees the half-written file.
+            std::fs::write(p, &POLICY_B[..POLICY_B.len() / 2]).unwrap();
+        }),
+        ("emptied", |p| std::fs::write(p, "").unwrap()),
+        ("replaced by a directory", |p| {
+            std::fs::remove_file(p).unwrap();
+            std::fs::create_dir(p).unwrap();
+        }),
+        ("replaced by a dangling symlink", |p| {
+            std::fs::remove_file(p).unwrap();
+            std::os::unix::fs::symlink(p.with_extension("gone"), p).unwrap();
+        }),
+        ("unreadable: a symlink loop", |p| {
+            std::fs::remove_file(p).unwrap();
+            std::os::unix::fs::symlink(p, p).unwrap();
+        }),
+        ("unreadable: not UTF-8", |p| {
+            std::fs::write(p, b"package envoy.authz\n\xff\xfe allow := true\n").unwrap();
+        }),
+        ("deleted", |p| std::fs::remove_file(p).unwrap()),
+    ];
+
+    let dir = tempfile::tempdir().unwrap();
+    let pdir = dir.path().join("policies");
+    std::fs::create_dir(&pdir).unwrap();
+    let policy_file = pdir.join("policy.rego");
+    std::fs::write(&policy_file, POLICY_B).unwrap();
+    let config = write_config(
+        dir.path(),
+        "policy:\n  paths: [policies]\n  debounce: 50ms\ndecision_log: { enabled: false }\n",
+    );
+    let server = TestServer::start(&config).await;
+    let revision = |body: String| {
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["policy_revision"].clone()
+    };
+    let good = revision(server.get("/readyz").await.1);
+
+    for (i, (name, fault)) in faults.iter().enumerate() {
+        fault(&policy_file);
+        let errors = format!(
+            r#"meshauthz_policy_reloads_total{{result="error"}} {}"#,
+            i + 1
+        );
+        let counted = eventually(Duration::from_secs(3), async || {
+            server.get("/metrics").await.1.contains(&errors)
+        })
+        .await;
+        assert!(counted, "{name}: the failed reload is counted");
+        for path in ["/a", "/b/c"] {
+            let o = server.check(request(None, "GET", path)).await;
+            assert!(
+                o.allowed,
+                "{name}: {path} still decided by the last good policy"
+            );
+        }
+        assert!(!server.check(request(None, "GET", "/c")).await.allowed);
+        assert_eq!(revision(server.get("/readyz").await.1), good, "{name}");
+
+        // Put the good file back (same bytes: the revision does not change, nothing reloads).
+        match std::fs::symlink_metadata(&policy_file) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir(&policy_file).unwrap(),
+            Ok(_) => std::fs::remove_file(&policy_file).unwrap(),
+            Err(_) => {}
+        }
+        replace(&policy_file, POLICY_B);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = server.get("/metrics").await.1;
+    assert!(
+        text.contains(&format!(
+            r#"meshauthz_policy_reloads_total{{result="error"}} {}"#,
+            faults.len()
+        )),
+        "exactly one failed reload per fault"
+    );
+}
+
+/// A full disk under a file decision log (`/dev/full` answers every write with ENOSPC): requests
+/// are decided as usual, the lines are dropped and counted, nothing blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_decision_log_drops_lines_not_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "policy:\n  paths: [\"{policies}\"]\n  decision: data.envoy.authz.result\n\
+         decision_log: { output: /dev/full, buffer: 64 }\n",
+    );
+    let server = TestServer::start(&config).await;
+    let started = Instant::now();
+    for i in 0..500 {
+        let path = if i % 2 == 0 {
+            "/api/products/1"
+        } else {
+            "/admin"
+        };
+        let o = server
+            .check(request(
+                Some("spiffe://cluster.local/ns/shop/sa/frontend"),
+                "GET",
+                path,
+            ))
+            .await;
+        assert_eq!(o.allowed, i % 2 == 0, "request {i} decided as usual");
+    }
+    eprintln!("500 checks with a full log disk in {:?}", started.elapsed());
+    let dropped = eventually(Duration::from_secs(3), async || {
+        let text = server.get("/metrics").await.1;
+        text.lines()
+            .find_map(|l| l.strip_prefix("meshauthz_decision_log_dropped_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            == Some(500)
+    })
+    .await;
+    assert!(dropped, "every line that could not be written is counted");
+}

@@ -653,6 +653,8 @@ struct LimitCase {
     headers: Option<usize>,
     header_bytes: Option<usize>,
     token_bytes: Option<usize>,
+    /// A signed token whose claims nest this deep (the claims object itself is level 1).
+    claims_depth: Option<usize>,
     #[serde(default)]
     duplicate_authorization: bool,
     want: u16,
@@ -693,6 +695,15 @@ async fn limits_table() {
         }
         if let Some(n) = case.token_bytes {
             req = req.bearer(&"a".repeat(n));
+        }
+        if let Some(depth) = case.claims_depth {
+            let mut nested = serde_json::json!("leaf");
+            for _ in 1..depth {
+                nested = serde_json::json!([nested]);
+            }
+            let mut c = claims("a", "");
+            c["deep"] = nested;
+            req = req.bearer(&keys.sign(&c));
         }
         if case.duplicate_authorization {
             let t = keys.sign(&claims("a", ""));

@@ -24,7 +24,7 @@ fn verifier() -> &'static (Verifier, tokio::runtime::Runtime) {
             forward_token: true,
             clock_skew: Duration::from_secs(30),
         };
-        let config = Config { providers: vec![provider], revocation_file: None, cache_capacity: 0 };
+        let config = Config { providers: vec![provider], revocation_file: None, cache_capacity: 0, max_claims_depth: 16 };
         let v = Verifier::new(&config, Arc::new(Metrics::new())).expect("verifier");
         let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         (v, rt)
