@@ -85,6 +85,28 @@ enum Cmd {
         #[arg(long, default_value = "")]
         label: String,
     },
+    /// Start an Envoy (benches/envoy/) and send the mix through it over HTTPS with workload
+    /// certificates; print one JSON line of results.
+    Envoy {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_enum)]
+        variant: Variant,
+        /// meshauthz's gRPC address (for the ext-authz variant).
+        #[arg(long)]
+        meshauthz: Option<String>,
+        /// Envoy worker threads.
+        #[arg(long, default_value_t = 1)]
+        envoy_concurrency: usize,
+        #[arg(long)]
+        concurrency: Option<usize>,
+        #[arg(long)]
+        rate: Option<u64>,
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        #[arg(long, default_value = "")]
+        label: String,
+    },
 }
 
 /// One request shape with its expected answer under the bundled policy.
@@ -268,17 +290,23 @@ decision_log: {{ enabled: false }}
 }
 
 /// Prebuilt requests (so the generator spends no time building them) with expected answers.
-fn requests(pool: &Pool) -> Vec<(CheckRequest, bool, u16)> {
+/// One prebuilt request with its expected answer under the bundled policy.
+#[derive(Debug, Clone)]
+struct Shape {
+    principal: Option<String>,
+    method: String,
+    path: String,
+    token: Option<String>,
+    allowed: bool,
+    status: u16,
+}
+
+/// The mix expanded over the token pool and shuffled, so consecutive requests differ.
+fn shapes(pool: &Pool) -> Vec<Shape> {
     let mut out = Vec::new();
     for (i, t) in mix().iter().enumerate() {
         for j in 0..20 {
-            let mut req = Req {
-                principal: t.principal.as_deref(),
-                method: &t.method,
-                path: &t.path,
-                headers: Vec::new(),
-            };
-            match &t.token {
+            let token = match &t.token {
                 Some(TokenRef::Valid { scope }) => {
                     let matching: Vec<&String> = pool
                         .tokens
@@ -286,18 +314,151 @@ fn requests(pool: &Pool) -> Vec<(CheckRequest, bool, u16)> {
                         .filter(|(s, _)| s == scope)
                         .map(|(_, t)| t)
                         .collect();
-                    req = req.bearer(matching[(i + j) % matching.len()]);
+                    Some(matching[(i + j) % matching.len()].clone())
                 }
-                Some(TokenRef::Invalid) => req = req.bearer(&pool.invalid[j % pool.invalid.len()]),
-                None => {}
-            }
-            out.push((req.build(), t.allowed, t.status));
+                Some(TokenRef::Invalid) => Some(pool.invalid[j % pool.invalid.len()].clone()),
+                None => None,
+            };
+            out.push(Shape {
+                principal: t.principal.clone(),
+                method: t.method.clone(),
+                path: t.path.clone(),
+                token,
+                allowed: t.allowed,
+                status: t.status,
+            });
         }
     }
-    // Interleave shapes so consecutive requests differ.
     fastrand::seed(7);
     fastrand::shuffle(&mut out);
     out
+}
+
+/// Where the load goes: meshauthz's Check directly, or HTTPS through an Envoy.
+enum Target {
+    Grpc {
+        clients: Vec<AuthorizationClient<Channel>>,
+        reqs: Vec<CheckRequest>,
+    },
+    Https {
+        /// One client (one mTLS identity) per request, by principal.
+        clients: Vec<reqwest::Client>,
+        reqs: Vec<reqwest::Request>,
+        /// Envoy's native filters answer 403 where meshauthz answers 401 ("token required"),
+        /// so the comparison checks allow/deny only.
+        check_status: bool,
+    },
+}
+
+struct Load {
+    target: Target,
+    expected: Vec<(bool, u16)>,
+}
+
+impl Load {
+    fn grpc(clients: Vec<AuthorizationClient<Channel>>, shapes: &[Shape]) -> Load {
+        let reqs = shapes
+            .iter()
+            .map(|s| {
+                let mut r = Req {
+                    principal: s.principal.as_deref(),
+                    method: &s.method,
+                    path: &s.path,
+                    headers: Vec::new(),
+                };
+                if let Some(t) = &s.token {
+                    r = r.bearer(t);
+                }
+                r.build()
+            })
+            .collect();
+        Load {
+            target: Target::Grpc { clients, reqs },
+            expected: shapes.iter().map(|s| (s.allowed, s.status)).collect(),
+        }
+    }
+
+    /// HTTPS through Envoy: each request goes out on the client holding its principal's
+    /// certificate (a request without a principal uses the first one; only public paths have none).
+    fn https(
+        base: &str,
+        identities: &[(&str, reqwest::Client)],
+        shapes: &[Shape],
+        check_status: bool,
+    ) -> Load {
+        let mut clients = Vec::new();
+        let mut reqs = Vec::new();
+        for s in shapes {
+            let who = identities
+                .iter()
+                .position(|(p, _)| Some(*p) == s.principal.as_deref())
+                .unwrap_or(0);
+            let client = identities[who].1.clone();
+            let mut b = client.request(
+                reqwest::Method::from_bytes(s.method.as_bytes()).unwrap(),
+                format!("{base}{}", s.path),
+            );
+            if let Some(t) = &s.token {
+                b = b.bearer_auth(t);
+            }
+            reqs.push(b.build().unwrap());
+            clients.push(client);
+        }
+        Load {
+            target: Target::Https {
+                clients,
+                reqs,
+                check_status,
+            },
+            expected: shapes.iter().map(|s| (s.allowed, s.status)).collect(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.expected.len()
+    }
+
+    /// Sends request `i` (on connection `conn` for gRPC) and checks the answer.
+    async fn one(&self, i: usize, conn: usize, counters: &Counters) {
+        counters.sent.fetch_add(1, Ordering::Relaxed);
+        let i = i % self.len();
+        let (want_allowed, want_status) = self.expected[i];
+        let got = match &self.target {
+            Target::Grpc { clients, reqs } => {
+                let mut client = clients[conn % clients.len()].clone();
+                client.check(reqs[i].clone()).await.ok().map(|resp| {
+                    let o = common::Outcome::from(resp.into_inner());
+                    (o.allowed, o.status, true)
+                })
+            }
+            Target::Https {
+                clients,
+                reqs,
+                check_status,
+            } => {
+                let req = reqs[i].try_clone().unwrap();
+                match clients[i].execute(req).await {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        // Read the body so the stream completes before the next request.
+                        let _ = resp.bytes().await;
+                        Some((status == 200, status, *check_status))
+                    }
+                    Err(_) => None,
+                }
+            }
+        };
+        match got {
+            None => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Some((allowed, status, check_status)) => {
+                if allowed != want_allowed || (check_status && status != want_status) {
+                    counters.wrong.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -340,70 +501,57 @@ async fn connect(target: &str, n: usize) -> Vec<AuthorizationClient<Channel>> {
     out
 }
 
-async fn one(
-    client: &mut AuthorizationClient<Channel>,
-    req: &(CheckRequest, bool, u16),
-    counters: &Counters,
-) {
-    counters.sent.fetch_add(1, Ordering::Relaxed);
-    match client.check(req.0.clone()).await {
-        Ok(resp) => {
-            let o = common::Outcome::from(resp.into_inner());
-            if o.allowed != req.1 || o.status != req.2 {
-                counters.wrong.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        Err(_) => {
-            counters.errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
+/// How long to send for and how.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// Closed loop: requests in flight.
+    concurrency: Option<usize>,
+    /// Open loop: requests per second (takes precedence).
+    rate: Option<u64>,
+    warmup: Duration,
+    duration: Duration,
+    /// gRPC connections to spread requests over.
+    connections: usize,
 }
 
-async fn run(
-    target: &str,
-    reqs: Arc<Vec<(CheckRequest, bool, u16)>>,
-    concurrency: Option<usize>,
-    rate: Option<u64>,
-    duration: Duration,
-    connections: usize,
-    label: String,
-) -> Report {
-    let clients = connect(target, connections).await;
+async fn run(load: Arc<Load>, plan: Plan, label: String) -> Report {
     let counters = Arc::new(Counters::default());
-    let warmup = Duration::from_secs(1);
     let start = Instant::now();
-    let measure_from = start + warmup;
-    let end = measure_from + duration;
+    let measure_from = start + plan.warmup;
+    let end = measure_from + plan.duration;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     let mut lag_hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     let mode;
     let mut measured = 0u64;
-    if let Some(rate) = rate {
+    if let Some(rate) = plan.rate {
         mode = "open".to_string();
-        // Open loop: one send per tick; latency from the scheduled time.
+        // Open loop. The schedule runs on its own OS thread with std::thread::sleep (hrtimer,
+        // ~50 µs slack) rather than Tokio's millisecond timer, which would send in 1 ms bursts
+        // and charge the server for the generator's queueing.
         let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Duration, Duration)>();
-        let mut next = start;
-        let mut i = 0usize;
-        while next < end {
-            let now = Instant::now();
-            if next > now {
-                tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
+        let handle = tokio::runtime::Handle::current();
+        let (load2, counters2) = (load.clone(), counters.clone());
+        let connections = plan.connections.max(1);
+        let scheduler = std::thread::spawn(move || {
+            let mut next = start;
+            let mut i = 0usize;
+            while next < end {
+                let now = Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                }
+                let scheduled = next;
+                let (load, counters, tx) = (load2.clone(), counters2.clone(), tx.clone());
+                handle.spawn(async move {
+                    let sent = Instant::now();
+                    load.one(i, i % connections, &counters).await;
+                    let _ = tx.send((scheduled, sent.elapsed(), sent - scheduled));
+                });
+                i += 1;
+                next += interval;
             }
-            let scheduled = next;
-            let mut client = clients[i % clients.len()].clone();
-            let reqs = reqs.clone();
-            let counters = counters.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let sent = Instant::now();
-                one(&mut client, &reqs[i % reqs.len()], &counters).await;
-                let _ = tx.send((scheduled, sent.elapsed(), sent - scheduled));
-            });
-            i += 1;
-            next += interval;
-        }
-        drop(tx);
+        });
         while let Some((scheduled, latency, lag)) = rx.recv().await {
             if scheduled >= measure_from {
                 hist.record(latency.as_micros() as u64).unwrap();
@@ -411,19 +559,20 @@ async fn run(
                 measured += 1;
             }
         }
+        scheduler.join().unwrap();
     } else {
-        let n = concurrency.unwrap_or(64);
+        let n = plan.concurrency.unwrap_or(64);
         mode = format!("closed/{n}");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Duration)>();
         let mut tasks = Vec::new();
         for w in 0..n {
-            let mut client = clients[w % clients.len()].clone();
-            let (reqs, counters, tx) = (reqs.clone(), counters.clone(), tx.clone());
+            let (load, counters, tx) = (load.clone(), counters.clone(), tx.clone());
+            let conn = w % plan.connections.max(1);
             tasks.push(tokio::spawn(async move {
                 let mut i = w * 7919;
                 while Instant::now() < end {
                     let t0 = Instant::now();
-                    one(&mut client, &reqs[i % reqs.len()], &counters).await;
+                    load.one(i, conn, &counters).await;
                     let _ = tx.send((t0, t0.elapsed()));
                     i += 1;
                 }
@@ -440,11 +589,11 @@ async fn run(
             t.await.unwrap();
         }
     }
-    let seconds = duration.as_secs_f64();
+    let seconds = plan.duration.as_secs_f64();
     Report {
         label,
         mode,
-        target_rps: rate,
+        target_rps: plan.rate,
         requests: measured,
         seconds,
         rps: measured as f64 / seconds,
@@ -457,6 +606,83 @@ async fn run(
         max_us: hist.max(),
         lag_p99_us: lag_hist.value_at_quantile(0.99),
     }
+}
+
+/// The three Envoy configurations of the side-by-side comparison (benches/envoy/).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Variant {
+    /// No authorization filter: the baseline route.
+    Plain,
+    /// ext_authz over gRPC to meshauthz.
+    ExtAuthz,
+    /// Envoy's jwt_authn + rbac expressing the bundled policy.
+    Native,
+}
+
+/// Renders benches/envoy/envoy.yaml for `variant` and starts Envoy on it.
+async fn start_envoy(
+    variant: Variant,
+    dir: &Path,
+    pki: &common::mesh::Pki,
+    meshauthz: Option<&str>,
+    concurrency: usize,
+) -> common::mesh::Envoy {
+    let benches = repo().join("benches/envoy");
+    let template = std::fs::read_to_string(benches.join("envoy.yaml")).unwrap();
+    let snippet = match variant {
+        Variant::Plain => None,
+        Variant::ExtAuthz => Some(benches.join("ext-authz.yaml")),
+        Variant::Native => Some(benches.join("native.yaml")),
+    };
+    let port = match (variant, meshauthz) {
+        (Variant::ExtAuthz, None) => panic!("the ext-authz variant needs --meshauthz"),
+        (_, Some(addr)) => addr.rsplit(':').next().unwrap().to_string(),
+        (_, None) => "9".into(),
+    };
+    let config = common::mesh::splice(&template, "${HTTP_FILTERS}", snippet.as_deref())
+        .replace("${CERTS}", &pki.dir.display().to_string())
+        .replace("${MESHAUTHZ_PORT}", &port)
+        .replace("${ISSUER}", common::ISSUER)
+        .replace("${AUDIENCE}", common::AUDIENCE)
+        .replace("${JWKS}", &dir.join("jwks.json").display().to_string());
+    common::mesh::Envoy::start_config(&config, concurrency).await
+}
+
+const PRINCIPALS: [&str; 3] = [
+    FRONTEND,
+    CHECKOUT,
+    "spiffe://cluster.local/ns/other/sa/frontend",
+];
+
+/// HTTPS load through a freshly started Envoy of `variant`.
+async fn run_envoy(
+    variant: Variant,
+    dir: &Path,
+    meshauthz: Option<&str>,
+    envoy_concurrency: usize,
+    plan: Plan,
+    label: String,
+) -> Report {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = common::mesh::Pki::new(certs.path());
+    let envoy = start_envoy(variant, dir, &pki, meshauthz, envoy_concurrency).await;
+    let identities: Vec<(&str, reqwest::Client)> =
+        PRINCIPALS.iter().map(|p| (*p, pki.client(p))).collect();
+    let load = Load::https(
+        &envoy.url(""),
+        &identities,
+        &shapes(&read_pool(dir)),
+        variant != Variant::Native,
+    );
+    let report = run(Arc::new(load), plan, label).await;
+    if report.errors > 0 {
+        eprintln!("envoy log:\n{}", envoy.log());
+    }
+    report
+}
+
+fn read_pool(dir: &Path) -> Pool {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json")).unwrap()).unwrap()
 }
 
 fn main() {
@@ -480,52 +706,100 @@ fn main() {
             connections,
             label,
         }) => {
-            let pool: Pool =
-                serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json")).unwrap())
-                    .unwrap();
-            let reqs = Arc::new(requests(&pool));
-            let report = rt.block_on(run(
-                &target,
-                reqs,
+            let plan = Plan {
                 concurrency,
                 rate,
-                Duration::from_secs(duration),
+                warmup: Duration::from_secs(1),
+                duration: Duration::from_secs(duration),
                 connections,
+            };
+            let report = rt.block_on(async {
+                let clients = connect(&target, connections).await;
+                let load = Load::grpc(clients, &shapes(&read_pool(&dir)));
+                run(Arc::new(load), plan, label).await
+            });
+            println!("{}", serde_json::to_string(&report).unwrap());
+        }
+        Some(Cmd::Envoy {
+            dir,
+            variant,
+            meshauthz,
+            envoy_concurrency,
+            concurrency,
+            rate,
+            duration,
+            label,
+        }) => {
+            let plan = Plan {
+                concurrency,
+                rate,
+                warmup: Duration::from_secs(1),
+                duration: Duration::from_secs(duration),
+                connections: 1,
+            };
+            let report = rt.block_on(run_envoy(
+                variant,
+                &dir,
+                meshauthz.as_deref(),
+                envoy_concurrency,
+                plan,
                 label,
             ));
             println!("{}", serde_json::to_string(&report).unwrap());
         }
         None if !cli.bench => self_check(&rt),
-        None => eprintln!("usage: loadgen setup|run (see the module docs)"),
+        None => eprintln!("usage: loadgen setup|run|envoy (see the module docs)"),
     }
 }
 
-/// `cargo test`: a short run against an in-process server; every decision must be right.
+/// `cargo test`: short runs against an in-process server, directly and through each Envoy
+/// variant; every decision must be right, which also proves the native jwt_authn + rbac config
+/// grants and denies exactly what the bundled policy does on the mix.
 fn self_check(rt: &tokio::runtime::Runtime) {
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path(), 0, 0);
-    let pool: Pool =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("tokens.json")).unwrap())
-            .unwrap();
+    let plan = Plan {
+        concurrency: Some(8),
+        rate: None,
+        warmup: Duration::from_millis(200),
+        duration: Duration::from_millis(500),
+        connections: 2,
+    };
     rt.block_on(async {
         let server = common::TestServer::start(&dir.path().join("meshauthz.yaml")).await;
-        let report = run(
-            &server.grpc.to_string(),
-            Arc::new(requests(&pool)),
-            Some(8),
-            None,
-            Duration::from_millis(500),
-            2,
-            "self-check".into(),
-        )
-        .await;
-        assert!(report.requests > 50, "{report:?}");
-        assert_eq!(
-            (report.errors, report.wrong_decisions),
-            (0, 0),
-            "{report:?}"
+        let grpc = server.grpc.to_string();
+        let load = Load::grpc(connect(&grpc, 2).await, &shapes(&read_pool(dir.path())));
+        let mut reports = vec![run(Arc::new(load), plan, "self-check grpc".into()).await];
+        let open = Plan {
+            rate: Some(500),
+            ..plan
+        };
+        let load = Load::grpc(connect(&grpc, 2).await, &shapes(&read_pool(dir.path())));
+        reports.push(run(Arc::new(load), open, "self-check grpc open".into()).await);
+        for variant in [Variant::Plain, Variant::ExtAuthz, Variant::Native] {
+            let label = format!("self-check envoy {variant:?}");
+            reports.push(run_envoy(variant, dir.path(), Some(&grpc), 1, plan, label).await);
+        }
+        for report in &reports {
+            println!("loadgen self-check: {report:?}");
+            assert!(report.requests > 50, "{report:?}");
+            let wrong_expected = if report.label.ends_with("Plain") {
+                // The plain route allows everything: exactly the mix's denials are "wrong".
+                report.wrong_decisions
+            } else {
+                0
+            };
+            assert_eq!(
+                (report.errors, report.wrong_decisions),
+                (0, wrong_expected),
+                "{report:?}"
+            );
+        }
+        let plain = &reports[2];
+        assert!(
+            plain.wrong_decisions > 0,
+            "the plain route must disagree with the policy on denials, or the check checks nothing"
         );
-        println!("loadgen self-check: {report:?}");
         server.stop().await;
     });
 }

@@ -90,6 +90,11 @@ pub async fn run(
                 .await
         }
         None => {
+            // HTTP ext_authz answers sit on Envoy's request path: no Nagle delay.
+            use axum::serve::ListenerExt as _;
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             axum::serve(listener, router)
                 .with_graceful_shutdown(shutdown)
                 .await

@@ -126,7 +126,7 @@ pub enum Authz {
 
 /// Replaces a line holding only `placeholder` with the YAML in `snippet` (comment lines dropped),
 /// indented to the placeholder's column; without a snippet the line is removed.
-fn splice(template: &str, placeholder: &str, snippet: Option<&Path>) -> String {
+pub fn splice(template: &str, placeholder: &str, snippet: Option<&Path>) -> String {
     let snippet = snippet.map(|p| std::fs::read_to_string(p).unwrap());
     template
         .lines()
@@ -158,7 +158,6 @@ pub struct Envoy {
 impl Envoy {
     /// Starts Envoy from `tests/e2e/envoy.yaml` pointed at meshauthz and the upstream.
     pub async fn start(pki: &Pki, authz: Authz, upstream: SocketAddr) -> Envoy {
-        let dir = tempfile::tempdir().unwrap();
         let e2e = super::repo().join("tests/e2e");
         let template = std::fs::read_to_string(e2e.join("envoy.yaml")).unwrap();
         let (snippet, grpc, http) = match authz {
@@ -175,6 +174,12 @@ impl Envoy {
             .replace("${MESHAUTHZ_PORT}", &grpc.port().to_string())
             .replace("${MESHAUTHZ_HTTP_PORT}", &http.port().to_string())
             .replace("${UPSTREAM_PORT}", &upstream.port().to_string());
+        Self::start_config(&config, 1).await
+    }
+
+    /// Starts Envoy on a rendered config with `concurrency` worker threads.
+    pub async fn start_config(config: &str, concurrency: usize) -> Envoy {
+        let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("envoy.yaml");
         std::fs::write(&config_path, config).unwrap();
         let admin_path = dir.path().join("admin-address");
@@ -182,13 +187,9 @@ impl Envoy {
         let child = tokio::process::Command::new(envoy_bin())
             .arg("-c")
             .arg(&config_path)
-            .args([
-                "--use-dynamic-base-id",
-                "--concurrency",
-                "1",
-                "--log-level",
-                "warning",
-            ])
+            .args(["--use-dynamic-base-id", "--log-level", "warning"])
+            .arg("--concurrency")
+            .arg(concurrency.to_string())
             .arg("--admin-address-path")
             .arg(&admin_path)
             .stdout(log.try_clone().unwrap())
