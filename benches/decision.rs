@@ -12,6 +12,10 @@ mod common;
 
 use std::hint::black_box;
 
+/// The server binary's allocator, so the figures are the server's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use common::{Keys, Req, claims, repo};
 use criterion::{Criterion, criterion_group, criterion_main};
 use meshauthz::app::App;
@@ -21,7 +25,7 @@ use meshauthz::input::{self, Extras};
 use meshauthz::server::attributes_from_proto;
 
 /// The bundled policy with a file JWKS holding one key per benchmarked algorithm.
-fn setup(keys: &[&Keys]) -> (std::sync::Arc<App>, tempfile::TempDir) {
+fn setup(keys: &[&Keys], decision_log: &str) -> (std::sync::Arc<App>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, common::jwks_body(keys)).unwrap();
@@ -37,7 +41,7 @@ jwt:
       audiences: ["{}"]
       jwks: {{ file: "{}" }}
       claims_to_headers: [{{ claim: sub, header: x-jwt-sub }}]
-decision_log: {{ enabled: false }}
+decision_log: {decision_log}
 "#,
         repo().join("policies").display(),
         common::ISSUER,
@@ -55,14 +59,21 @@ fn bench(c: &mut Criterion) {
         .iter()
         .map(|a| Keys::generate(*a, &format!("{a:?}")))
         .collect();
-    let (app, _dir) = setup(&keys.iter().collect::<Vec<_>>());
+    let (app, _dir) = setup(&keys.iter().collect::<Vec<_>>(), "{ enabled: false }");
+    // The same with the default decision log (every decision, one JSON line each) to a file.
+    let (logged, _dir2) = setup(
+        &keys.iter().collect::<Vec<_>>(),
+        "{ output: /dev/null, buffer: 65536 }",
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        for p in app.authz.jwt.check_all_jwks().await {
-            p.1.unwrap();
+        for a in [&app, &logged] {
+            for p in a.authz.jwt.check_all_jwks().await {
+                p.1.unwrap();
+            }
         }
     });
 
@@ -82,6 +93,10 @@ fn bench(c: &mut Criterion) {
 
     c.bench_function("check/whole_pipeline_cached_jwt", |b| {
         b.iter(|| black_box(rt.block_on(app.authz.check(black_box(attrs.clone())))))
+    });
+    assert!(rt.block_on(logged.authz.check(attrs.clone())).decision.allowed);
+    c.bench_function("check/whole_pipeline_cached_jwt_logged", |b| {
+        b.iter(|| black_box(rt.block_on(logged.authz.check(black_box(attrs.clone())))))
     });
     c.bench_function("check/proto_to_attributes", |b| {
         b.iter(|| black_box(attributes_from_proto(black_box(proto.clone()))))

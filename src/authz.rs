@@ -71,7 +71,7 @@ struct Facts {
     peer: Option<SpiffeId>,
     jwt_provider: Option<String>,
     jwt_sub: Option<String>,
-    jwt_fingerprint: Option<String>,
+    jwt_fingerprint: Option<jwt::TokenDigest>,
     eval_us: u64,
 }
 
@@ -85,6 +85,13 @@ impl Authorizer {
         let decision = self.decide(&attrs, &policy, &mut facts).await;
         let computed_allowed = decision.allowed;
         let decision_id = new_decision_id();
+        let (status, category) = (decision.status, decision.reason.category);
+        let wants_log = self.log.wants(computed_allowed);
+        let detail = if wants_log {
+            decision.reason.detail.clone()
+        } else {
+            Default::default()
+        };
 
         let mut enforced = if self.dry_run && !decision.allowed {
             let mut allow = Decision::allow(decision.reason.clone());
@@ -92,30 +99,23 @@ impl Authorizer {
             allow.request_headers_to_remove = decision.request_headers_to_remove.clone();
             allow
         } else {
-            decision.clone()
+            decision
         };
         add_decision_id(&mut enforced, &decision_id);
 
         let elapsed = start.elapsed();
-        self.metrics.check(
-            computed_allowed,
-            decision.reason.category,
-            elapsed.as_secs_f64(),
-        );
-        if self.log.wants(computed_allowed) {
+        self.metrics
+            .check(computed_allowed, category, elapsed.as_secs_f64());
+        if wants_log {
             let http = attrs.http();
             self.log.log(Entry {
                 time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
                 decision_id: decision_id.clone(),
                 allowed: computed_allowed,
                 dry_run: self.dry_run,
-                status: if computed_allowed {
-                    200
-                } else {
-                    decision.status
-                },
-                reason: decision.reason.category,
-                detail: decision.reason.detail.clone(),
+                status: if computed_allowed { 200 } else { status },
+                reason: category,
+                detail,
                 peer: facts
                     .peer
                     .as_ref()
@@ -127,7 +127,7 @@ impl Authorizer {
                     .unwrap_or_default(),
                 jwt_provider: facts.jwt_provider,
                 jwt_sub: facts.jwt_sub,
-                jwt_fingerprint: facts.jwt_fingerprint,
+                jwt_fingerprint: facts.jwt_fingerprint.map(|d| d.fingerprint()),
                 policy_revision: policy.revision().to_string(),
                 eval_us: facts.eval_us,
                 duration_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
@@ -170,8 +170,9 @@ impl Authorizer {
             match self.jwt.extract(&http.headers, self.limits.max_token_bytes) {
                 Ok(None) => {}
                 Ok(Some(found)) => {
-                    facts.jwt_fingerprint = Some(jwt::fingerprint(&found.token));
-                    match self.jwt.verify(&found.token).await {
+                    let digest = jwt::TokenDigest::of(&found.token);
+                    facts.jwt_fingerprint = Some(digest);
+                    match self.jwt.verify_digested(&found.token, &digest).await {
                         Ok(v) => {
                             facts.jwt_provider = Some(v.provider_name.clone());
                             facts.jwt_sub = v.subject.clone();

@@ -27,17 +27,91 @@ use crate::identity::SpiffeId;
 use crate::path::ParsedTarget;
 use crate::request::{Address, Attributes, HttpRequest, Peer};
 
+/// Every fixed key of the document, made once per worker thread: a document has ~45 of them,
+/// and cloning a prebuilt string value is a reference-count bump where `Value::from(&str)` is an
+/// allocation and a copy. Thread-local, so workers never contend on one reference count.
+macro_rules! keys {
+    ($($name:ident),* $(,)?) => {
+        #[allow(non_camel_case_types)]
+        #[derive(Clone, Copy)]
+        enum K { $($name),* }
+
+        thread_local! {
+            static KEYS: Vec<Value> = vec![$(Value::from(stringify!($name))),*];
+            /// `input.version`, the same for every request.
+            static VERSION: Value = {
+                let mut v = Value::new_object();
+                if let Ok(m) = v.as_object_mut() {
+                    m.insert(Value::from("ext_authz"), Value::from("v3"));
+                    m.insert(Value::from("encoding"), Value::from("protojson"));
+                }
+                v
+            };
+        }
+    };
+}
+
+keys!(
+    address,
+    attributes,
+    body,
+    certificate,
+    contextExtensions,
+    destination,
+    fragment,
+    headers,
+    host,
+    http,
+    id,
+    jwt,
+    labels,
+    metadataContext,
+    method,
+    namespace,
+    parsed_body,
+    parsed_path,
+    parsed_query,
+    path,
+    peer,
+    pipe,
+    portValue,
+    principal,
+    protocol,
+    query,
+    rawBody,
+    request,
+    routeMetadataContext,
+    scheme,
+    service,
+    service_account,
+    size,
+    sni,
+    socketAddress,
+    source,
+    spiffe_id,
+    time,
+    tlsSession,
+    truncated_body,
+    trust_domain,
+    istio_principal,
+    version,
+);
+
+fn key(k: K) -> Value {
+    KEYS.with(|keys| keys.get(k as usize).cloned().unwrap_or(Value::Null))
+}
+
 /// Appends `key: value` to an object value.
-fn put(obj: &mut Value, key: &str, value: Value) {
+fn put(obj: &mut Value, k: K, value: Value) {
     if let Ok(map) = obj.as_object_mut() {
-        map.insert(Value::from(key), value);
+        map.insert(key(k), value);
     }
 }
 
 /// Appends `key: value` unless `value` is empty (protojson omits default scalars).
-fn put_str(obj: &mut Value, key: &str, value: &str) {
+fn put_str(obj: &mut Value, k: K, value: &str) {
     if !value.is_empty() {
-        put(obj, key, Value::from(value));
+        put(obj, k, Value::from(value));
     }
 }
 
@@ -58,48 +132,48 @@ fn peer(p: &Peer) -> Value {
         match addr {
             Address::SocketAddress(sa) => {
                 let mut s = Value::new_object();
-                put_str(&mut s, "address", &sa.address);
+                put_str(&mut s, K::address, &sa.address);
                 if sa.port_value != 0 {
-                    put(&mut s, "portValue", Value::from(sa.port_value));
+                    put(&mut s, K::portValue, Value::from(sa.port_value));
                 }
-                put(&mut a, "socketAddress", s);
+                put(&mut a, K::socketAddress, s);
             }
             Address::Pipe(pipe) => {
                 let mut s = Value::new_object();
-                put_str(&mut s, "path", &pipe.path);
-                put(&mut a, "pipe", s);
+                put_str(&mut s, K::path, &pipe.path);
+                put(&mut a, K::pipe, s);
             }
         }
-        put(&mut obj, "address", a);
+        put(&mut obj, K::address, a);
     }
-    put_str(&mut obj, "service", &p.service);
+    put_str(&mut obj, K::service, &p.service);
     if !p.labels.is_empty() {
-        put(&mut obj, "labels", string_map(&p.labels));
+        put(&mut obj, K::labels, string_map(&p.labels));
     }
-    put_str(&mut obj, "principal", &p.principal);
-    put_str(&mut obj, "certificate", &p.certificate);
+    put_str(&mut obj, K::principal, &p.principal);
+    put_str(&mut obj, K::certificate, &p.certificate);
     obj
 }
 
 fn http(h: &HttpRequest) -> Value {
     let mut obj = Value::new_object();
-    put_str(&mut obj, "id", &h.id);
-    put_str(&mut obj, "method", &h.method);
+    put_str(&mut obj, K::id, &h.id);
+    put_str(&mut obj, K::method, &h.method);
     if !h.headers.is_empty() {
-        put(&mut obj, "headers", string_map(&h.headers));
+        put(&mut obj, K::headers, string_map(&h.headers));
     }
-    put_str(&mut obj, "path", &h.path);
-    put_str(&mut obj, "host", &h.host);
-    put_str(&mut obj, "scheme", &h.scheme);
-    put_str(&mut obj, "query", &h.query);
-    put_str(&mut obj, "fragment", &h.fragment);
+    put_str(&mut obj, K::path, &h.path);
+    put_str(&mut obj, K::host, &h.host);
+    put_str(&mut obj, K::scheme, &h.scheme);
+    put_str(&mut obj, K::query, &h.query);
+    put_str(&mut obj, K::fragment, &h.fragment);
     if h.size != 0 {
         // protojson renders int64 as a string.
-        put(&mut obj, "size", Value::from(h.size.to_string()));
+        put(&mut obj, K::size, Value::from(h.size.to_string()));
     }
-    put_str(&mut obj, "protocol", &h.protocol);
-    put_str(&mut obj, "body", &h.body);
-    put_str(&mut obj, "rawBody", &h.raw_body);
+    put_str(&mut obj, K::protocol, &h.protocol);
+    put_str(&mut obj, K::body, &h.body);
+    put_str(&mut obj, K::rawBody, &h.raw_body);
     obj
 }
 
@@ -107,38 +181,38 @@ fn http(h: &HttpRequest) -> Value {
 pub fn attributes(a: &Attributes) -> Value {
     let mut obj = Value::new_object();
     if let Some(p) = &a.source {
-        put(&mut obj, "source", peer(p));
+        put(&mut obj, K::source, peer(p));
     }
     if let Some(p) = &a.destination {
-        put(&mut obj, "destination", peer(p));
+        put(&mut obj, K::destination, peer(p));
     }
     if let Some(r) = &a.request {
         let mut req = Value::new_object();
         if let Some(t) = &r.time {
-            put(&mut req, "time", Value::from(t.as_str()));
+            put(&mut req, K::time, Value::from(t.as_str()));
         }
         if let Some(h) = &r.http {
-            put(&mut req, "http", http(h));
+            put(&mut req, K::http, http(h));
         }
-        put(&mut obj, "request", req);
+        put(&mut obj, K::request, req);
     }
     if !a.context_extensions.is_empty() {
         put(
             &mut obj,
-            "contextExtensions",
+            K::contextExtensions,
             string_map(&a.context_extensions),
         );
     }
     if let Some(m) = &a.metadata_context {
-        put(&mut obj, "metadataContext", Value::from(m.clone()));
+        put(&mut obj, K::metadataContext, Value::from(m.clone()));
     }
     if let Some(m) = &a.route_metadata_context {
-        put(&mut obj, "routeMetadataContext", Value::from(m.clone()));
+        put(&mut obj, K::routeMetadataContext, Value::from(m.clone()));
     }
     if let Some(t) = &a.tls_session {
         let mut s = Value::new_object();
-        put_str(&mut s, "sni", &t.sni);
-        put(&mut obj, "tlsSession", s);
+        put_str(&mut s, K::sni, &t.sni);
+        put(&mut obj, K::tlsSession, s);
     }
     obj
 }
@@ -146,15 +220,15 @@ pub fn attributes(a: &Attributes) -> Value {
 /// `input.peer` for a SPIFFE principal.
 pub fn peer_identity(id: &SpiffeId) -> Value {
     let mut obj = Value::new_object();
-    put(&mut obj, "spiffe_id", Value::from(id.to_string()));
-    put(&mut obj, "trust_domain", Value::from(id.trust_domain()));
+    put(&mut obj, K::spiffe_id, Value::from(id.to_string()));
+    put(&mut obj, K::trust_domain, Value::from(id.trust_domain()));
     if let Some((ns, sa)) = id.istio_workload() {
-        put(&mut obj, "namespace", Value::from(ns));
-        put(&mut obj, "service_account", Value::from(sa));
+        put(&mut obj, K::namespace, Value::from(ns));
+        put(&mut obj, K::service_account, Value::from(sa));
     }
     put(
         &mut obj,
-        "istio_principal",
+        K::istio_principal,
         Value::from(id.istio_principal()),
     );
     obj
@@ -174,10 +248,10 @@ pub struct Extras<'a> {
 /// The whole input document.
 pub fn document(attrs: &Attributes, extras: Extras<'_>) -> Value {
     let mut doc = Value::new_object();
-    put(&mut doc, "attributes", attributes(attrs));
+    put(&mut doc, K::attributes, attributes(attrs));
     if let Some(t) = extras.target {
         let segments: Vec<Value> = t.segments.iter().map(|s| Value::from(s.as_str())).collect();
-        put(&mut doc, "parsed_path", Value::from(segments));
+        put(&mut doc, K::parsed_path, Value::from(segments));
         let mut q = Value::new_object();
         if let Ok(m) = q.as_object_mut() {
             for (k, vs) in &t.query {
@@ -185,27 +259,24 @@ pub fn document(attrs: &Attributes, extras: Extras<'_>) -> Value {
                 m.insert(Value::from(k.as_str()), Value::from(vs));
             }
         }
-        put(&mut doc, "parsed_query", q);
+        put(&mut doc, K::parsed_query, q);
     }
     put(
         &mut doc,
-        "parsed_body",
+        K::parsed_body,
         extras.parsed_body.unwrap_or(Value::Null),
     );
     put(
         &mut doc,
-        "truncated_body",
+        K::truncated_body,
         Value::from(extras.truncated_body),
     );
-    let mut version = Value::new_object();
-    put(&mut version, "ext_authz", Value::from("v3"));
-    put(&mut version, "encoding", Value::from("protojson"));
-    put(&mut doc, "version", version);
+    put(&mut doc, K::version, VERSION.with(Value::clone));
     if let Some(id) = extras.peer {
-        put(&mut doc, "peer", peer_identity(id));
+        put(&mut doc, K::peer, peer_identity(id));
     }
     if let Some(jwt) = extras.jwt {
-        put(&mut doc, "jwt", jwt);
+        put(&mut doc, K::jwt, jwt);
     }
     doc
 }

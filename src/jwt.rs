@@ -476,10 +476,10 @@ struct TokenExpiry {
     max_ttl: Duration,
 }
 
-impl moka::Expiry<String, Arc<Verified>> for TokenExpiry {
+impl moka::Expiry<TokenDigest, Arc<Verified>> for TokenExpiry {
     fn expire_after_create(
         &self,
-        _key: &String,
+        _key: &TokenDigest,
         value: &Arc<Verified>,
         _now: std::time::Instant,
     ) -> Option<Duration> {
@@ -502,7 +502,7 @@ pub struct Verifier {
     providers: Vec<Provider>,
     /// Distinct (header, prefix) pairs across providers, in config order.
     sources: Vec<FromHeader>,
-    cache: moka::sync::Cache<String, Arc<Verified>>,
+    cache: moka::sync::Cache<TokenDigest, Arc<Verified>>,
     revocations: Option<Arc<Revocations>>,
     max_claims_depth: usize,
     metrics: Arc<Metrics>,
@@ -516,14 +516,28 @@ impl std::fmt::Debug for Verifier {
     }
 }
 
-/// A short, non-reversible fingerprint of a token for log correlation.
+/// SHA-256 of a token: the verified-token cache's key (32 bytes instead of the whole token,
+/// hashed once per request) and the source of its log [`TokenDigest::fingerprint`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    pub fn of(token: &str) -> TokenDigest {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        TokenDigest(out)
+    }
+
+    /// A short, non-reversible fingerprint for log correlation (12 hex digits).
+    pub fn fingerprint(&self) -> String {
+        self.0.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// [`TokenDigest::fingerprint`] of `token`.
 pub fn fingerprint(token: &str) -> String {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-    d.as_ref()
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    TokenDigest::of(token).fingerprint()
 }
 
 impl Verifier {
@@ -662,7 +676,17 @@ impl Verifier {
 
     /// Verifies a token, from the cache when it was verified before.
     pub async fn verify(&self, token: &str) -> Result<Arc<Verified>, Failure> {
-        if let Some(v) = self.cache.get(token) {
+        self.verify_digested(token, &TokenDigest::of(token)).await
+    }
+
+    /// [`Verifier::verify`] with the token's digest already computed (the pipeline also logs
+    /// its fingerprint, so it hashes the token once).
+    pub async fn verify_digested(
+        &self,
+        token: &str,
+        digest: &TokenDigest,
+    ) -> Result<Arc<Verified>, Failure> {
+        if let Some(v) = self.cache.get(digest) {
             if let Some(exp) = v.expires_at {
                 // The cache entry expires at `exp`, but be exact at the boundary.
                 let skew = self
@@ -680,7 +704,7 @@ impl Verifier {
         match &result {
             Ok(v) => {
                 self.metrics.jwt_validation(&v.provider_name, "ok");
-                self.cache.insert(token.to_string(), v.clone());
+                self.cache.insert(*digest, v.clone());
             }
             Err(f) => {
                 let provider = self.provider_name_for(token);
