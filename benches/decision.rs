@@ -94,7 +94,11 @@ fn bench(c: &mut Criterion) {
     c.bench_function("check/whole_pipeline_cached_jwt", |b| {
         b.iter(|| black_box(rt.block_on(app.authz.check(black_box(attrs.clone())))))
     });
-    assert!(rt.block_on(logged.authz.check(attrs.clone())).decision.allowed);
+    assert!(
+        rt.block_on(logged.authz.check(attrs.clone()))
+            .decision
+            .allowed
+    );
     c.bench_function("check/whole_pipeline_cached_jwt_logged", |b| {
         b.iter(|| black_box(rt.block_on(logged.authz.check(black_box(attrs.clone())))))
     });

