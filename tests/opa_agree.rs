@@ -86,6 +86,15 @@ fn document(
     )
 }
 
+/// note, principal, method, path, token claims.
+type Shape<'a> = (
+    &'a str,
+    Option<&'a str>,
+    &'a str,
+    &'a str,
+    Option<serde_json::Value>,
+);
+
 /// Every input the comparison runs, with a name for failure messages.
 fn inputs() -> Vec<(String, regorus::Value)> {
     let mut out = Vec::new();
@@ -124,7 +133,7 @@ fn inputs() -> Vec<(String, regorus::Value)> {
     let none = BTreeMap::new();
     let frontend = Some("spiffe://cluster.local/ns/shop/sa/frontend");
     let checkout = Some("spiffe://cluster.local/ns/shop/sa/checkout");
-    let extra: Vec<(&str, Option<&str>, &str, &str, Option<serde_json::Value>)> = vec![
+    let extra: Vec<Shape> = vec![
         (
             "scp array claim",
             frontend,
@@ -251,7 +260,7 @@ fn ours(
     let policy = Policy::load(&cfg).unwrap();
     docs.iter()
         .map(|(_, doc)| match policy.evaluate(doc.clone()) {
-            Ok(v) if v == regorus::Value::Undefined => json!({"undefined": true}),
+            Ok(regorus::Value::Undefined) => json!({"undefined": true}),
             Ok(v) => json!({"result": serde_json::from_str::<serde_json::Value>(&v.to_json_str().unwrap()).unwrap()}),
             Err(e) => json!({"error": e.to_string()}),
         })
