@@ -12,9 +12,6 @@ mod common;
 
 use std::hint::black_box;
 
-/// The server binary's allocator, so the figures are the server's.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use common::{Keys, Req, claims, repo};
 use criterion::{Criterion, criterion_group, criterion_main};

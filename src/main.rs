@@ -68,11 +68,6 @@ enum Command {
     Version,
 }
 
-/// mimalloc instead of glibc malloc: the request path allocates many small, short-lived values
-/// (protobuf strings, the input document, regorus values); profiled, glibc's malloc/free were
-/// ~17 % of a Check's CPU (see the README's Performance section).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
