@@ -12,7 +12,6 @@ mod common;
 
 use std::hint::black_box;
 
-
 use common::{Keys, Req, claims, repo};
 use criterion::{Criterion, criterion_group, criterion_main};
 use meshauthz::app::App;

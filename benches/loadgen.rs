@@ -29,6 +29,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -106,6 +107,20 @@ enum Cmd {
         duration: u64,
         #[arg(long, default_value = "")]
         label: String,
+    },
+    /// Sustained load against the release binary while the issuer rotates its keys and the
+    /// policy is reloaded every PERIOD seconds; prints a Markdown report (see benches/soak.sh).
+    Soak {
+        /// The meshauthz binary to run.
+        #[arg(long)]
+        server_bin: PathBuf,
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Seconds between key rotations (policy reloads happen at the same pace).
+        #[arg(long, default_value_t = 5)]
+        period: u64,
     },
 }
 
@@ -234,22 +249,9 @@ fn setup(dir: &Path, bindings: usize, worker_threads: usize) {
     let rsa = Keys::generate(Algorithm::RS256, "load-rsa");
     let ec = Keys::generate(Algorithm::ES256, "load-ec");
     std::fs::write(dir.join("jwks.json"), common::jwks_body(&[&rsa, &ec])).unwrap();
-    let mut tokens = Vec::new();
-    for scope in ["orders:read", "orders:write", "orders:write profile"] {
-        for i in 0..50 {
-            let key = if i % 2 == 0 { &rsa } else { &ec };
-            let mut c = common::claims(&format!("user{i}"), scope);
-            c["exp"] = serde_json::json!(common::now() + 24 * 3600);
-            tokens.push((scope.to_string(), key.sign(&c)));
-        }
-    }
-    let other = Keys::generate(Algorithm::RS256, "load-rsa");
-    let invalid: Vec<String> = (0..20)
-        .map(|i| other.sign(&common::claims(&format!("forger{i}"), "orders:write")))
-        .collect();
     std::fs::write(
         dir.join("tokens.json"),
-        serde_json::to_string(&Pool { tokens, invalid }).unwrap(),
+        serde_json::to_string(&make_pool(&rsa, &ec)).unwrap(),
     )
     .unwrap();
     // Policies: the bundled ones, plus optionally a large bindings document.
@@ -289,8 +291,26 @@ decision_log: {{ enabled: false }}
     std::fs::write(dir.join("meshauthz.yaml"), config).unwrap();
 }
 
-/// Prebuilt requests (so the generator spends no time building them) with expected answers.
-/// One prebuilt request with its expected answer under the bundled policy.
+/// Valid tokens (RS256 and ES256 alternating, each scope of the mix) and forged ones: signed by
+/// an unrelated key under the RSA key's kid.
+fn make_pool(rsa: &Keys, ec: &Keys) -> Pool {
+    let mut tokens = Vec::new();
+    for scope in ["orders:read", "orders:write", "orders:write profile"] {
+        for i in 0..50 {
+            let key = if i % 2 == 0 { rsa } else { ec };
+            let mut c = common::claims(&format!("user{i}"), scope);
+            c["exp"] = serde_json::json!(common::now() + 24 * 3600);
+            tokens.push((scope.to_string(), key.sign(&c)));
+        }
+    }
+    let other = Keys::generate(Algorithm::RS256, &rsa.kid);
+    let invalid: Vec<String> = (0..20)
+        .map(|i| other.sign(&common::claims(&format!("forger{i}"), "orders:write")))
+        .collect();
+    Pool { tokens, invalid }
+}
+
+/// One prebuilt request (the generator spends no time building requests) with its expected answer under the bundled policy.
 #[derive(Debug, Clone)]
 struct Shape {
     principal: Option<String>,
@@ -747,6 +767,23 @@ fn main() {
             ));
             println!("{}", serde_json::to_string(&report).unwrap());
         }
+        Some(Cmd::Soak {
+            server_bin,
+            seconds,
+            rate,
+            period,
+        }) => {
+            let report = rt.block_on(soak(
+                &server_bin,
+                Duration::from_secs(seconds),
+                rate,
+                Duration::from_secs(period),
+            ));
+            println!("{}", report.markdown());
+            if !report.passed() {
+                std::process::exit(1);
+            }
+        }
         None if !cli.bench => self_check(&rt),
         None => eprintln!("usage: loadgen setup|run|envoy (see the module docs)"),
     }
@@ -795,6 +832,19 @@ fn self_check(rt: &tokio::runtime::Runtime) {
                 "{report:?}"
             );
         }
+        let soaked = soak(
+            Path::new(env!("CARGO_BIN_EXE_meshauthz")),
+            Duration::from_secs(3),
+            300,
+            Duration::from_secs(1),
+        )
+        .await;
+        println!("loadgen self-check soak:\n{}", soaked.markdown());
+        assert!(soaked.passed(), "{soaked:?}");
+        // Debug-build RSA key generation eats into the 3 s, so count rather than fix segments.
+        assert!(soaked.rotations >= 1, "{soaked:?}");
+        assert_eq!(soaked.segments, soaked.rotations + 1, "{soaked:?}");
+        assert!(soaked.reloads_ok >= 1, "{soaked:?}");
         let plain = &reports[2];
         assert!(
             plain.wrong_decisions > 0,
@@ -802,4 +852,256 @@ fn self_check(rt: &tokio::runtime::Runtime) {
         );
         server.stop().await;
     });
+}
+
+/// What a soak run saw.
+#[derive(Debug, Default)]
+struct SoakReport {
+    seconds: f64,
+    rate: u64,
+    period: u64,
+    segments: usize,
+    requests: u64,
+    errors: u64,
+    wrong: u64,
+    rotations: usize,
+    jwks_fetches: usize,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    worst_p99_us: u64,
+    median_p50_us: u64,
+    /// (seconds since start, RSS KiB), sampled after every segment.
+    rss: Vec<(f64, u64)>,
+    rss_start_kib: u64,
+}
+
+impl SoakReport {
+    fn passed(&self) -> bool {
+        self.errors == 0 && self.wrong == 0 && self.requests > 0 && self.reloads_failed == 0
+    }
+
+    fn markdown(&self) -> String {
+        let end = self.rss.last().map_or(0, |r| r.1);
+        let first = self.rss.first().map_or(0, |r| r.1);
+        let max = self.rss.iter().map(|r| r.1).max().unwrap_or(0);
+        let mib = |k: u64| k as f64 / 1024.0;
+        let mut out = format!(
+            "| soak | value |\n|---|---|\n\
+             | duration | {:.0} s at {} checks/s (open loop) |\n\
+             | requests | {} |\n| errors | {} |\n| wrong decisions | {} |\n\
+             | JWKS rotations (new kid used at once) | {} ({} JWKS fetches) |\n\
+             | policy reloads | {} ok, {} failed |\n\
+             | latency | p50 {} µs (median over {} s segments), worst segment p99 {} µs |\n\
+             | RSS | start {:.1} MiB (idle), after the first segment {:.1} MiB, end {:.1} MiB, max {:.1} MiB |\n",
+            self.seconds,
+            self.rate,
+            self.requests,
+            self.errors,
+            self.wrong,
+            self.rotations,
+            self.jwks_fetches,
+            self.reloads_ok,
+            self.reloads_failed,
+            self.median_p50_us,
+            self.period,
+            self.worst_p99_us,
+            mib(self.rss_start_kib),
+            mib(first),
+            mib(end),
+            mib(max),
+        );
+        out.push_str("\nRSS over time (MiB): ");
+        let step = (self.rss.len() / 10).max(1);
+        let samples: Vec<String> = self
+            .rss
+            .iter()
+            .step_by(step)
+            .chain(self.rss.last())
+            .map(|(t, k)| format!("{t:.0}s {:.1}", mib(*k)))
+            .collect();
+        out.push_str(&samples.join(", "));
+        out.push('\n');
+        out
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Reads a counter or gauge line from the Prometheus text.
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Runs the binary on a copy of the bundled policy with a JWKS served by this process, then
+/// sends `rate` checks/s for `total`, one segment per `period`. At each segment: a new RSA and EC
+/// key (new kids) published and used for every valid token from then on (the previous keys stay
+/// published one more period), and a policy reload that does not change any decision
+/// (alternately the Rego module and the role-binding data are rewritten).
+async fn soak(bin: &Path, total: Duration, rate: u64, period: Duration) -> SoakReport {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    common::copy_dir(&repo().join("policies"), &policies);
+    let _ = std::fs::remove_file(policies.join("envoy/authz/authz_test.rego"));
+    let module = policies.join("envoy/authz/authz.rego");
+    let data = policies.join("rbac/data.json");
+    let (module_text, data_text) = (
+        std::fs::read_to_string(&module).unwrap(),
+        std::fs::read_to_string(&data).unwrap(),
+    );
+
+    let mut keys = (
+        Keys::generate(Algorithm::RS256, "soak-rsa-0"),
+        Keys::generate(Algorithm::ES256, "soak-ec-0"),
+    );
+    let jwks = common::JwksServer::start(&[&keys.0, &keys.1]).await;
+    let (grpc_port, http_port) = (free_port(), free_port());
+    let config = format!(
+        r#"server:
+  grpc_addr: "127.0.0.1:{grpc_port}"
+  http_addr: "127.0.0.1:{http_port}"
+policy:
+  paths: [policies]
+  decision: "data.envoy.authz.result"
+  debounce: 100ms
+jwt:
+  providers:
+    - name: soak
+      issuer: "{}"
+      audiences: ["{}"]
+      jwks: {{ uri: "{}", refresh_interval: 1m, min_refetch_interval: 1s }}
+      claims_to_headers: [{{ claim: sub, header: x-jwt-sub }}]
+decision_log: {{ output: /dev/null }}
+"#,
+        common::ISSUER,
+        common::AUDIENCE,
+        jwks.uri()
+    );
+    let config_path = dir.path().join("meshauthz.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let stderr = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    let mut child = tokio::process::Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{http_port}");
+    let mut ready = false;
+    for _ in 0..100 {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
+            && r.status().is_success()
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ready,
+        "server did not become ready:\n{}",
+        std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default()
+    );
+
+    let mut report = SoakReport {
+        rate,
+        period: period.as_secs(),
+        rss_start_kib: rss_kib(pid),
+        ..Default::default()
+    };
+    let clients = connect(&format!("127.0.0.1:{grpc_port}"), 4).await;
+    let started = Instant::now();
+    let mut p50s = Vec::new();
+    let mut segment = 0usize;
+    while started.elapsed() < total {
+        if segment > 0 {
+            let next = (
+                Keys::generate(Algorithm::RS256, &format!("soak-rsa-{segment}")),
+                Keys::generate(Algorithm::ES256, &format!("soak-ec-{segment}")),
+            );
+            jwks.set_keys(&[&keys.0, &keys.1, &next.0, &next.1]);
+            keys = next;
+            report.rotations += 1;
+            // A reload that changes the revision but no decision.
+            if segment % 2 == 0 {
+                std::fs::write(&module, format!("{module_text}\n# soak reload {segment}\n"))
+                    .unwrap();
+            } else {
+                let mut d: serde_json::Value = serde_json::from_str(&data_text).unwrap();
+                d["bindings"][format!("soak/reload-{segment}")] =
+                    serde_json::json!(["catalog-reader"]);
+                std::fs::write(&data, d.to_string()).unwrap();
+            }
+        }
+        let load = Load::grpc(clients.clone(), &shapes(&make_pool(&keys.0, &keys.1)));
+        let plan = Plan {
+            concurrency: None,
+            rate: Some(rate),
+            warmup: Duration::ZERO,
+            duration: period
+                .min(total.saturating_sub(started.elapsed()))
+                .max(Duration::from_millis(100)),
+            connections: 4,
+        };
+        let r = run(Arc::new(load), plan, format!("segment {segment}")).await;
+        report.requests += r.requests;
+        report.errors += r.errors;
+        report.wrong += r.wrong_decisions;
+        report.worst_p99_us = report.worst_p99_us.max(r.p99_us);
+        p50s.push(r.p50_us);
+        report
+            .rss
+            .push((started.elapsed().as_secs_f64(), rss_kib(pid)));
+        if r.errors > 0 || r.wrong_decisions > 0 {
+            eprintln!("segment {segment}: {r:?}");
+        }
+        segment += 1;
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report.segments = segment;
+    report.jwks_fetches = jwks.fetches();
+    p50s.sort_unstable();
+    report.median_p50_us = p50s.get(p50s.len() / 2).copied().unwrap_or(0);
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    report.reloads_ok = metric(&metrics, r#"meshauthz_policy_reloads_total{result="ok"} "#);
+    report.reloads_failed = metric(
+        &metrics,
+        r#"meshauthz_policy_reloads_total{result="error"} "#,
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server exited during the soak"
+    );
+    child.kill().await.unwrap();
+    report
 }

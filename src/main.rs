@@ -68,7 +68,6 @@ enum Command {
     Version,
 }
 
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
