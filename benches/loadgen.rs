@@ -1046,7 +1046,7 @@ decision_log: {{ output: /dev/null }}
             keys = next;
             report.rotations += 1;
             // A reload that changes the revision but no decision.
-            if segment % 2 == 0 {
+            if segment.is_multiple_of(2) {
                 std::fs::write(&module, format!("{module_text}\n# soak reload {segment}\n"))
                     .unwrap();
             } else {
