@@ -475,6 +475,9 @@ impl Load {
             Some((allowed, status, check_status)) => {
                 if allowed != want_allowed || (check_status && status != want_status) {
                     counters.wrong.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut kinds) = counters.wrong_kinds.lock() {
+                        *kinds.entry((want_status, status)).or_default() += 1;
+                    }
                 }
             }
         }
@@ -486,6 +489,8 @@ struct Counters {
     sent: AtomicU64,
     errors: AtomicU64,
     wrong: AtomicU64,
+    /// Wrong answers by (expected status, status received), to tell what went wrong.
+    wrong_kinds: std::sync::Mutex<std::collections::BTreeMap<(u16, u16), u64>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -505,6 +510,9 @@ struct Report {
     max_us: u64,
     /// Open loop: how far sends fell behind their schedule (p99, µs).
     lag_p99_us: u64,
+    /// "want→got: count" for wrong answers.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    wrong_kinds: Vec<String>,
 }
 
 async fn connect(target: &str, n: usize) -> Vec<AuthorizationClient<Channel>> {
@@ -532,6 +540,24 @@ struct Plan {
     duration: Duration,
     /// gRPC connections to spread requests over.
     connections: usize,
+}
+
+impl Plan {
+    /// A command-line run: one second of warm-up, then `seconds` measured.
+    fn measured(
+        concurrency: Option<usize>,
+        rate: Option<u64>,
+        seconds: u64,
+        connections: usize,
+    ) -> Plan {
+        Plan {
+            concurrency,
+            rate,
+            warmup: Duration::from_secs(1),
+            duration: Duration::from_secs(seconds),
+            connections,
+        }
+    }
 }
 
 async fn run(load: Arc<Load>, plan: Plan, label: String) -> Report {
@@ -625,6 +651,15 @@ async fn run(load: Arc<Load>, plan: Plan, label: String) -> Report {
         p999_us: hist.value_at_quantile(0.999),
         max_us: hist.max(),
         lag_p99_us: lag_hist.value_at_quantile(0.99),
+        wrong_kinds: counters
+            .wrong_kinds
+            .lock()
+            .map(|k| {
+                k.iter()
+                    .map(|((want, got), n)| format!("{want}→{got}: {n}"))
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -726,13 +761,7 @@ fn main() {
             connections,
             label,
         }) => {
-            let plan = Plan {
-                concurrency,
-                rate,
-                warmup: Duration::from_secs(1),
-                duration: Duration::from_secs(duration),
-                connections,
-            };
+            let plan = Plan::measured(concurrency, rate, duration, connections);
             let report = rt.block_on(async {
                 let clients = connect(&target, connections).await;
                 let load = Load::grpc(clients, &shapes(&read_pool(&dir)));
@@ -750,13 +779,7 @@ fn main() {
             duration,
             label,
         }) => {
-            let plan = Plan {
-                concurrency,
-                rate,
-                warmup: Duration::from_secs(1),
-                duration: Duration::from_secs(duration),
-                connections: 1,
-            };
+            let plan = Plan::measured(concurrency, rate, duration, 1);
             let report = rt.block_on(run_envoy(
                 variant,
                 &dir,

@@ -9,6 +9,9 @@
 mod common;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::Algorithm;
 
 use common::*;
 
@@ -140,6 +143,8 @@ type Client = envoy_types::pb::envoy::service::auth::v3::authorization_client::A
 struct Served {
     child: std::process::Child,
     client: Client,
+    /// The health/metrics listener.
+    http: String,
 }
 
 impl Served {
@@ -171,16 +176,25 @@ impl Served {
                 let _ = tx.send(line);
             }
         });
-        let grpc = loop {
+        let field = |line: &str, name: &str| {
+            line.split(&format!("{name}="))
+                .nth(1)
+                .map(|rest| rest.split_whitespace().next().unwrap().to_string())
+        };
+        let (grpc, http) = loop {
             let line = rx
                 .recv_timeout(std::time::Duration::from_secs(30))
                 .expect("the server logs its gRPC address");
-            if let Some(rest) = line.split("grpc=").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_string();
+            if let (Some(grpc), Some(http)) = (field(&line, "grpc"), field(&line, "http")) {
+                break (grpc, http);
             }
         };
         let client = Client::connect(format!("http://{grpc}")).await.unwrap();
-        Served { child, client }
+        Served {
+            child,
+            client,
+            http,
+        }
     }
 
     async fn allowed(&mut self, principal: Option<&str>, method: &str, path: &str) -> Outcome {
@@ -239,6 +253,91 @@ async fn serve_on_the_bundled_config_answers_checks_and_exits_on_sigterm() {
     assert_eq!((denied.allowed, denied.status), (false, 403));
     let took = served.terminate();
     eprintln!("drained and exited in {took:?}");
+}
+
+/// SIGTERM while a Check is in flight (held on a slow JWKS re-fetch for an unknown kid): readiness
+/// goes false at once, the in-flight Check still gets its real answer, and the process exits 0
+/// right after it, well inside the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_fails_readiness_at_once_and_finishes_in_flight_checks() {
+    let old = Keys::generate(Algorithm::RS256, "old");
+    let new = Keys::generate(Algorithm::RS256, "new");
+    let jwks = JwksServer::start(&[&old]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "server:\n  shutdown_grace: 10s\n\
+             policy:\n  paths: [\"{{policies}}\"]\n  decision: data.envoy.authz.result\n\
+             jwt:\n  providers:\n    - name: corp\n      issuer: \"{ISSUER}\"\n      audiences: [\"{AUDIENCE}\"]\n\
+             \x20     jwks: {{ uri: \"{}\", max_wait: 5s, min_refetch_interval: 0s }}\n\
+             decision_log: {{ enabled: false }}\n",
+            jwks.uri()
+        ),
+    );
+    let mut served = Served::start(
+        &["--config".as_ref(), config.as_os_str()],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let readyz = format!("http://{}/readyz", served.http);
+    assert_eq!(http.get(&readyz).send().await.unwrap().status(), 200);
+
+    // The issuer rotates to a key meshauthz has not seen, and answers slowly.
+    jwks.set_keys(&[&old, &new]);
+    jwks.set_delay(Duration::from_millis(1500));
+    let token = new.sign(&claims("alice", "orders:write"));
+    let req = Req {
+        principal: Some("spiffe://cluster.local/ns/shop/sa/checkout"),
+        method: "POST",
+        path: "/api/orders",
+        headers: Vec::new(),
+    }
+    .bearer(&token)
+    .build();
+    let mut client = served.client.clone();
+    let sent = Instant::now();
+    let in_flight = tokio::spawn(async move { client.check(req).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    served.signal("-TERM");
+    let signalled = Instant::now();
+    let not_ready = eventually(Duration::from_millis(500), async || {
+        match http.get(&readyz).send().await {
+            Ok(r) => r.status() == 503,
+            Err(_) => true,
+        }
+    })
+    .await;
+    assert!(not_ready, "readiness must fail as soon as SIGTERM arrives");
+    let not_ready_after = signalled.elapsed();
+
+    let answer = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight Check is answered");
+    let outcome = Outcome::from(answer.into_inner());
+    assert!(
+        outcome.allowed,
+        "the in-flight Check gets its real decision: {outcome:?}"
+    );
+    let answered_after = sent.elapsed();
+    assert!(
+        answered_after >= Duration::from_millis(1400),
+        "it really waited on the fetch: {answered_after:?}"
+    );
+
+    let exit = served.child.wait().unwrap();
+    let exited_after = signalled.elapsed();
+    assert!(exit.success(), "exits 0: {exit:?}");
+    assert!(
+        exited_after < Duration::from_secs(10),
+        "inside the grace period: {exited_after:?}"
+    );
+    eprintln!(
+        "not ready {not_ready_after:?} after SIGTERM; in-flight Check answered {answered_after:?} after it was sent; exited {exited_after:?} after SIGTERM"
+    );
 }
 
 #[test]

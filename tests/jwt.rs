@@ -44,12 +44,17 @@ fn provider(jwks_uri: &str, extra: &str) -> String {
     } else {
         r#", max_wait: "2s""#
     };
+    let interval = if extra.contains("min_refetch_interval") {
+        ""
+    } else {
+        r#", min_refetch_interval: "0s""#
+    };
     format!(
         r#"  providers:
     - name: corp
       issuer: "{ISSUER}"
       audiences: ["{AUDIENCE}"]
-      jwks: {{ uri: "{jwks_uri}", min_refetch_interval: "0s" {wait} {extra} }}
+      jwks: {{ uri: "{jwks_uri}" {interval} {wait} {extra} }}
       claims_to_headers: [{{ claim: sub, header: x-jwt-sub }}]
 "#
     )
@@ -259,6 +264,49 @@ async fn key_rotation_is_picked_up_after_one_refetch() {
         "exactly one re-fetch for the new kid"
     );
     server.stop().await;
+}
+
+/// The issuer rotates moments after a fetch (a periodic refresh just before the rotation): the
+/// new kid is inside `min_refetch_interval`, so the request waits out the interval (it fits in
+/// `max_wait`) and then re-fetches, rather than being refused for the rest of the interval. With
+/// an interval longer than `max_wait`, it is refused at once and nothing is fetched.
+#[tokio::test]
+async fn a_new_kid_right_after_a_fetch_waits_out_the_refetch_interval() {
+    for (interval, max_wait, allowed, refetched) in
+        [("700ms", "2s", true, 1), ("30s", "1s", false, 0)]
+    {
+        let old = Keys::generate(Algorithm::ES256, "old");
+        let new = Keys::generate(Algorithm::ES256, "new");
+        let jwks = JwksServer::start(&[&old]).await;
+        let (server, _dir) = token_server(&provider(
+            &jwks.uri(),
+            &format!(r#", min_refetch_interval: "{interval}", max_wait: "{max_wait}""#),
+        ))
+        .await;
+        assert!(
+            server
+                .check(with_token(&old.sign(&claims("a", ""))))
+                .await
+                .allowed
+        );
+        let before = jwks.fetches();
+        jwks.set_keys(&[&old, &new]);
+        let started = std::time::Instant::now();
+        let got = server.check(with_token(&new.sign(&claims("b", "")))).await;
+        let took = started.elapsed();
+        assert_eq!(got.allowed, allowed, "interval {interval}: {got:?}");
+        assert_eq!(jwks.fetches() - before, refetched, "interval {interval}");
+        if allowed {
+            assert!(took < Duration::from_millis(1500), "waited {took:?}");
+        } else {
+            assert_eq!(got.reason, "jwt_unknown_key");
+            assert!(
+                took < Duration::from_millis(200),
+                "refused at once, took {took:?}"
+            );
+        }
+        server.stop().await;
+    }
 }
 
 #[tokio::test]

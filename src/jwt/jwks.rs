@@ -212,15 +212,29 @@ impl Jwks {
         }
         let mut rx = self.attempts.subscribe();
         let start = *rx.borrow_and_update();
-        if rate_limited {
-            let recent = lock(&self.last_attempt)
-                .is_some_and(|t| t.elapsed() < self.config.min_refetch_interval);
-            if recent && !self.in_flight.load(Ordering::Acquire) {
-                return current;
+        let mut budget = self.config.max_wait;
+        if rate_limited && !self.in_flight.load(Ordering::Acquire) {
+            let since = lock(&self.last_attempt).map(|t| t.elapsed());
+            if let Some(since) = since
+                && since < self.config.min_refetch_interval
+            {
+                // Fetched moments ago (a refresh just before the issuer rotated, say). Rather
+                // than refuse a new kid for the rest of the interval, wait for the interval to
+                // end when that fits the budget; the fetch rate stays bounded either way.
+                let remaining = self.config.min_refetch_interval - since;
+                if remaining >= budget {
+                    return current;
+                }
+                tokio::time::sleep(remaining).await;
+                budget -= remaining;
+                if *rx.borrow() != start {
+                    // Someone fetched while we waited.
+                    return self.current.load_full();
+                }
             }
         }
         self.trigger();
-        let _ = tokio::time::timeout(self.config.max_wait, rx.wait_for(|n| *n != start)).await;
+        let _ = tokio::time::timeout(budget, rx.wait_for(|n| *n != start)).await;
         self.current.load_full()
     }
 
