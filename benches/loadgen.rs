@@ -121,6 +121,12 @@ enum Cmd {
         /// Seconds between key rotations (policy reloads happen at the same pace).
         #[arg(long, default_value_t = 5)]
         period: u64,
+        /// Keep the issuer's keys (to tell what RSS growth comes from).
+        #[arg(long)]
+        no_rotate: bool,
+        /// Leave the policy alone (likewise).
+        #[arg(long)]
+        no_reload: bool,
     },
 }
 
@@ -795,12 +801,18 @@ fn main() {
             seconds,
             rate,
             period,
+            no_rotate,
+            no_reload,
         }) => {
             let report = rt.block_on(soak(
                 &server_bin,
                 Duration::from_secs(seconds),
                 rate,
                 Duration::from_secs(period),
+                Churn {
+                    rotate: !no_rotate,
+                    reload: !no_reload,
+                },
             ));
             println!("{}", report.markdown());
             if !report.passed() {
@@ -860,6 +872,10 @@ fn self_check(rt: &tokio::runtime::Runtime) {
             Duration::from_secs(3),
             300,
             Duration::from_secs(1),
+            Churn {
+                rotate: true,
+                reload: true,
+            },
         )
         .await;
         println!("loadgen self-check soak:\n{}", soaked.markdown());
@@ -980,7 +996,20 @@ fn metric(text: &str, series: &str) -> u64 {
 /// key (new kids) published and used for every valid token from then on (the previous keys stay
 /// published one more period), and a policy reload that does not change any decision
 /// (alternately the Rego module and the role-binding data are rewritten).
-async fn soak(bin: &Path, total: Duration, rate: u64, period: Duration) -> SoakReport {
+/// What changes every period during a soak.
+#[derive(Debug, Clone, Copy)]
+struct Churn {
+    rotate: bool,
+    reload: bool,
+}
+
+async fn soak(
+    bin: &Path,
+    total: Duration,
+    rate: u64,
+    period: Duration,
+    churn: Churn,
+) -> SoakReport {
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
     common::copy_dir(&repo().join("policies"), &policies);
@@ -1060,7 +1089,7 @@ decision_log: {{ output: /dev/null }}
     let mut p50s = Vec::new();
     let mut segment = 0usize;
     while started.elapsed() < total {
-        if segment > 0 {
+        if segment > 0 && churn.rotate {
             let next = (
                 Keys::generate(Algorithm::RS256, &format!("soak-rsa-{segment}")),
                 Keys::generate(Algorithm::ES256, &format!("soak-ec-{segment}")),
@@ -1068,6 +1097,8 @@ decision_log: {{ output: /dev/null }}
             jwks.set_keys(&[&keys.0, &keys.1, &next.0, &next.1]);
             keys = next;
             report.rotations += 1;
+        }
+        if segment > 0 && churn.reload {
             // A reload that changes the revision but no decision.
             if segment.is_multiple_of(2) {
                 std::fs::write(&module, format!("{module_text}\n# soak reload {segment}\n"))
