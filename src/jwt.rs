@@ -8,7 +8,7 @@
 //! `jti` revocation list. Any failure is a [`Failure`] with a fixed category; the caller turns it
 //! into a 401 before the policy runs.
 //!
-//! Tokens never appear in logs or errors; [`fingerprint`] gives a short hash for correlation.
+//! Tokens never appear in logs or errors; [`TokenDigest::fingerprint`] gives a short hash for correlation.
 
 mod jwks;
 mod revocation;
@@ -537,10 +537,6 @@ impl TokenDigest {
     }
 }
 
-/// [`TokenDigest::fingerprint`] of `token`.
-pub fn fingerprint(token: &str) -> String {
-    TokenDigest::of(token).fingerprint()
-}
 
 impl Verifier {
     /// Builds the verifier. JWKS fetching starts in the background (call [`Verifier::start`]);
