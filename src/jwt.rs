@@ -537,7 +537,6 @@ impl TokenDigest {
     }
 }
 
-
 impl Verifier {
     /// Builds the verifier. JWKS fetching starts in the background (call [`Verifier::start`]);
     /// an unreachable issuer never stops the server from starting.
