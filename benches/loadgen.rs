@@ -52,6 +52,26 @@ struct Cli {
     bench: bool,
 }
 
+/// What `run` and `envoy` share: where the setup is and how to send.
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// The directory `setup` wrote.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Closed loop: this many requests in flight.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Open loop: requests per second.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Seconds of measurement (after one second of warm-up).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Label for the result line.
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Write keys, JWKS, a config for the bundled policy and the token pool into DIR.
@@ -66,31 +86,19 @@ enum Cmd {
     },
     /// Send load and print one JSON line of results.
     Run {
-        #[arg(long)]
-        dir: PathBuf,
+        #[command(flatten)]
+        load: LoadArgs,
         #[arg(long)]
         target: String,
-        /// Closed loop: this many requests in flight.
-        #[arg(long)]
-        concurrency: Option<usize>,
-        /// Open loop: requests per second.
-        #[arg(long)]
-        rate: Option<u64>,
-        /// Seconds of measurement (after one second of warm-up).
-        #[arg(long, default_value_t = 10)]
-        duration: u64,
         /// HTTP/2 connections to spread the streams over.
         #[arg(long, default_value_t = 4)]
         connections: usize,
-        /// Label for the result line.
-        #[arg(long, default_value = "")]
-        label: String,
     },
     /// Start an Envoy (benches/envoy/) and send the mix through it over HTTPS with workload
     /// certificates; print one JSON line of results.
     Envoy {
-        #[arg(long)]
-        dir: PathBuf,
+        #[command(flatten)]
+        load: LoadArgs,
         #[arg(long, value_enum)]
         variant: Variant,
         /// meshauthz's gRPC address (for the ext-authz variant).
@@ -99,14 +107,6 @@ enum Cmd {
         /// Envoy worker threads.
         #[arg(long, default_value_t = 1)]
         envoy_concurrency: usize,
-        #[arg(long)]
-        concurrency: Option<usize>,
-        #[arg(long)]
-        rate: Option<u64>,
-        #[arg(long, default_value_t = 10)]
-        duration: u64,
-        #[arg(long, default_value = "")]
-        label: String,
     },
     /// Sustained load against the release binary while the issuer rotates its keys and the
     /// policy is reloaded every PERIOD seconds; prints a Markdown report (see benches/soak.sh).
@@ -549,18 +549,13 @@ struct Plan {
 }
 
 impl Plan {
-    /// A command-line run: one second of warm-up, then `seconds` measured.
-    fn measured(
-        concurrency: Option<usize>,
-        rate: Option<u64>,
-        seconds: u64,
-        connections: usize,
-    ) -> Plan {
+    /// A command-line run: one second of warm-up, then `--duration` seconds measured.
+    fn measured(args: &LoadArgs, connections: usize) -> Plan {
         Plan {
-            concurrency,
-            rate,
+            concurrency: args.concurrency,
+            rate: args.rate,
             warmup: Duration::from_secs(1),
-            duration: Duration::from_secs(seconds),
+            duration: Duration::from_secs(args.duration),
             connections,
         }
     }
@@ -759,40 +754,32 @@ fn main() {
             worker_threads,
         }) => setup(&dir, bindings, worker_threads),
         Some(Cmd::Run {
-            dir,
+            load,
             target,
-            concurrency,
-            rate,
-            duration,
             connections,
-            label,
         }) => {
-            let plan = Plan::measured(concurrency, rate, duration, connections);
+            let plan = Plan::measured(&load, connections);
             let report = rt.block_on(async {
                 let clients = connect(&target, connections).await;
-                let load = Load::grpc(clients, &shapes(&read_pool(&dir)));
-                run(Arc::new(load), plan, label).await
+                let shapes = shapes(&read_pool(&load.dir));
+                run(Arc::new(Load::grpc(clients, &shapes)), plan, load.label).await
             });
             println!("{}", serde_json::to_string(&report).unwrap());
         }
         Some(Cmd::Envoy {
-            dir,
+            load,
             variant,
             meshauthz,
             envoy_concurrency,
-            concurrency,
-            rate,
-            duration,
-            label,
         }) => {
-            let plan = Plan::measured(concurrency, rate, duration, 1);
+            let plan = Plan::measured(&load, 1);
             let report = rt.block_on(run_envoy(
                 variant,
-                &dir,
+                &load.dir,
                 meshauthz.as_deref(),
                 envoy_concurrency,
                 plan,
-                label,
+                load.label,
             ));
             println!("{}", serde_json::to_string(&report).unwrap());
         }
