@@ -802,7 +802,7 @@ fn main() {
                 },
             ));
             println!("{}", report.markdown());
-            if !report.passed() {
+            if !report.passed() || !report.flat() {
                 std::process::exit(1);
             }
         }
@@ -896,20 +896,66 @@ struct SoakReport {
     reloads_failed: u64,
     worst_p99_us: u64,
     median_p50_us: u64,
-    /// (seconds since start, RSS KiB), sampled after every segment.
-    rss: Vec<(f64, u64)>,
-    rss_start_kib: u64,
+    /// One sample after every segment.
+    samples: Vec<SoakSample>,
+    rss_start: Rss,
 }
+
+/// The server's state after one soak segment.
+#[derive(Debug, Clone, Copy, Default)]
+struct SoakSample {
+    /// Seconds since the load started.
+    t: f64,
+    rss: Rss,
+    /// `meshauthz_jwt_cache_entries` at the end of the segment.
+    cache_entries: u64,
+    p99_us: u64,
+    max_us: u64,
+}
+
+/// Resident memory (KiB) from /proc/PID/status: anonymous pages are the heap and stacks; file
+/// pages are the mapped binary and libraries (shared, reclaimable).
+#[derive(Debug, Clone, Copy, Default)]
+struct Rss {
+    total: u64,
+    anon: u64,
+    file: u64,
+}
+
+/// Anonymous RSS may rise by this much in the second half over the first half's peak and still
+/// count as flat (bounded caches fill during the first half).
+const FLAT_TOLERANCE_KIB: u64 = 1024;
 
 impl SoakReport {
     fn passed(&self) -> bool {
         self.errors == 0 && self.wrong == 0 && self.requests > 0 && self.reloads_failed == 0
     }
 
+    /// Peak anonymous RSS of the first and of the second half of the run.
+    fn halves(&self) -> (u64, u64) {
+        let half = self.seconds / 2.0;
+        let peak = |first: bool| {
+            self.samples
+                .iter()
+                .filter(|s| (s.t <= half) == first)
+                .map(|s| s.rss.anon)
+                .max()
+                .unwrap_or(0)
+        };
+        (peak(true), peak(false))
+    }
+
+    /// RSS is flat: nothing in the steady-state second half rises past the first half's peak
+    /// (plus [`FLAT_TOLERANCE_KIB`]).
+    fn flat(&self) -> bool {
+        let (first, second) = self.halves();
+        second <= first + FLAT_TOLERANCE_KIB
+    }
+
     fn markdown(&self) -> String {
-        let end = self.rss.last().map_or(0, |r| r.1);
-        let first = self.rss.first().map_or(0, |r| r.1);
-        let max = self.rss.iter().map(|r| r.1).max().unwrap_or(0);
+        let last = self.samples.last().copied().unwrap_or_default();
+        let max = |f: fn(&Rss) -> u64| self.samples.iter().map(|s| f(&s.rss)).max().unwrap_or(0);
+        let (first, second) = self.halves();
         let mib = |k: u64| k as f64 / 1024.0;
         let mut out = format!(
             "| soak | value |\n|---|---|\n\
@@ -918,7 +964,11 @@ impl SoakReport {
              | JWKS rotations (new kid used at once) | {} ({} JWKS fetches) |\n\
              | policy reloads | {} ok, {} failed |\n\
              | latency | p50 {} µs (median over {} s segments), worst segment p99 {} µs |\n\
-             | RSS | start {:.1} MiB (idle), after the first segment {:.1} MiB, end {:.1} MiB, max {:.1} MiB |\n",
+             | RSS | start {:.1} MiB (idle), end {:.1} MiB, max {:.1} MiB |\n\
+             | anonymous RSS (heap) | start {:.1} MiB, end {:.1} MiB, max {:.1} MiB |\n\
+             | anonymous RSS peak, first half → second half | {:.1} → {:.1} MiB: {} |\n\
+             | file RSS (mapped binary) | end {:.1} MiB |\n\
+             | verified-token cache | {} entries at the end |\n",
             self.seconds,
             self.rate,
             self.requests,
@@ -931,35 +981,58 @@ impl SoakReport {
             self.median_p50_us,
             self.period,
             self.worst_p99_us,
-            mib(self.rss_start_kib),
+            mib(self.rss_start.total),
+            mib(last.rss.total),
+            mib(max(|r| r.total)),
+            mib(self.rss_start.anon),
+            mib(last.rss.anon),
+            mib(max(|r| r.anon)),
             mib(first),
-            mib(end),
-            mib(max),
+            mib(second),
+            if self.flat() { "flat" } else { "NOT flat" },
+            mib(last.rss.file),
+            last.cache_entries,
         );
-        out.push_str("\nRSS over time (MiB): ");
-        let step = (self.rss.len() / 10).max(1);
-        let samples: Vec<String> = self
-            .rss
-            .iter()
-            .step_by(step)
-            .chain(self.rss.last())
-            .map(|(t, k)| format!("{t:.0}s {:.1}", mib(*k)))
-            .collect();
-        out.push_str(&samples.join(", "));
-        out.push('\n');
+        out.push_str(
+            "\n| t | RSS MiB | anonymous MiB | cache entries | segment p99 µs | segment max µs |\n\
+             |---|---|---|---|---|---|\n",
+        );
+        let step = (self.samples.len() / 12).max(1);
+        let mut rows: Vec<&SoakSample> = self.samples.iter().step_by(step).collect();
+        if let Some(l) = self.samples.last()
+            && !rows.last().is_some_and(|r| std::ptr::eq(*r, l))
+        {
+            rows.push(l);
+        }
+        for s in rows {
+            out.push_str(&format!(
+                "| {:.0} s | {:.1} | {:.1} | {} | {} | {} |\n",
+                s.t,
+                mib(s.rss.total),
+                mib(s.rss.anon),
+                s.cache_entries,
+                s.p99_us,
+                s.max_us
+            ));
+        }
         out
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+fn rss(pid: u32) -> Rss {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Rss {
+        total: field("VmRSS:"),
+        anon: field("RssAnon:"),
+        file: field("RssFile:"),
+    }
 }
 
 fn free_port() -> u16 {
@@ -1068,7 +1141,7 @@ decision_log: {{ output: /dev/null }}
     let mut report = SoakReport {
         rate,
         period: period.as_secs(),
-        rss_start_kib: rss_kib(pid),
+        rss_start: rss(pid),
         ..Default::default()
     };
     let clients = connect(&format!("127.0.0.1:{grpc_port}"), 4).await;
@@ -1113,9 +1186,17 @@ decision_log: {{ output: /dev/null }}
         report.wrong += r.wrong_decisions;
         report.worst_p99_us = report.worst_p99_us.max(r.p99_us);
         p50s.push(r.p50_us);
-        report
-            .rss
-            .push((started.elapsed().as_secs_f64(), rss_kib(pid)));
+        let metrics = match http.get(format!("{base}/metrics")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        report.samples.push(SoakSample {
+            t: started.elapsed().as_secs_f64(),
+            rss: rss(pid),
+            cache_entries: metric(&metrics, "meshauthz_jwt_cache_entries "),
+            p99_us: r.p99_us,
+            max_us: r.max_us,
+        });
         if r.errors > 0 || r.wrong_decisions > 0 {
             eprintln!("segment {segment}: {r:?}");
         }

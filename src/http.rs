@@ -66,6 +66,8 @@ async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    app.metrics
+        .set_jwt_cache_entries(app.authz.jwt.cache_entries());
     (
         [(
             header::CONTENT_TYPE,

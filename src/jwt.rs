@@ -82,8 +82,13 @@ pub struct JwksConfig {
     pub fetch_timeout: Duration,
     /// How long a request may wait for an in-flight fetch (startup or unknown `kid`).
     pub max_wait: Duration,
-    /// Minimum time between re-fetches triggered by unknown `kid`s.
+    /// Minimum time between re-fetches triggered by unknown `kid`s. Periodic refreshes do not
+    /// count against it: a new kid right after one is fetched at once.
     pub min_refetch_interval: Duration,
+    /// Requests that may wait on this issuer's keys at once (a fetch in flight, or the rest of
+    /// `min_refetch_interval`); further ones are refused at once. Bounds what a flood of
+    /// unknown kids can hold in memory.
+    pub max_waiters: usize,
     /// PEM bundle of CAs trusted for the JWKS endpoint, beyond the system roots.
     pub ca_file: Option<PathBuf>,
 }
@@ -149,6 +154,7 @@ struct RawJwks {
     max_wait: String,
     #[serde(default = "default_min_refetch")]
     min_refetch_interval: String,
+    max_waiters: Option<usize>,
     ca_file: Option<String>,
 }
 
@@ -188,6 +194,8 @@ fn default_max_wait() -> String {
 fn default_min_refetch() -> String {
     "10s".into()
 }
+/// ~5 KiB of request state each: at most ~5 MiB parked per provider.
+const DEFAULT_MAX_WAITERS: usize = 1024;
 
 /// The asymmetric algorithms, allowed by default.
 pub const ASYMMETRIC: &[Algorithm] = &[
@@ -381,6 +389,15 @@ impl RawJwks {
                 &format!("{key}.min_refetch_interval"),
                 &self.min_refetch_interval,
             )?,
+            max_waiters: match self.max_waiters.unwrap_or(DEFAULT_MAX_WAITERS) {
+                0 => {
+                    return Err(ctx.err(
+                        format!("{key}.max_waiters"),
+                        "expected at least 1 (0 would refuse every request that needs a fetch)",
+                    ));
+                }
+                n => n,
+            },
             ca_file: self.ca_file.map(|f| ctx.resolve(&f)),
         })
     }
@@ -598,6 +615,13 @@ impl Verifier {
 
     pub fn is_enabled(&self) -> bool {
         !self.providers.is_empty()
+    }
+
+    /// Verified tokens in the cache, after applying moka's pending inserts and evictions (for
+    /// the scrape-time gauge; not for the request path).
+    pub fn cache_entries(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
     }
 
     /// Per-provider JWKS state for `/readyz`.

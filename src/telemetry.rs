@@ -50,6 +50,7 @@ pub struct Metrics {
     jwt_validations: Family<ProviderResultLabels, Counter>,
     jwks_fetches: Family<ProviderResultLabels, Counter>,
     jwks_age: Family<ProviderLabels, Gauge>,
+    jwt_cache_entries: Gauge,
     decision_log_dropped: Counter,
 }
 
@@ -114,6 +115,12 @@ impl Metrics {
             "Age of the keys in use, by provider (-1 when none were ever fetched)",
             jwks_age.clone(),
         );
+        let jwt_cache_entries = Gauge::default();
+        registry.register(
+            "jwt_cache_entries",
+            "Verified tokens held in the cache (bounded by jwt.cache_capacity), as of the scrape",
+            jwt_cache_entries.clone(),
+        );
         let decision_log_dropped = Counter::default();
         registry.register(
             "decision_log_dropped",
@@ -130,6 +137,7 @@ impl Metrics {
             jwt_validations,
             jwks_fetches,
             jwks_age,
+            jwt_cache_entries,
             decision_log_dropped,
         }
     }
@@ -191,6 +199,11 @@ impl Metrics {
                 provider: provider.to_string(),
             })
             .set(seconds);
+    }
+
+    pub fn set_jwt_cache_entries(&self, entries: u64) {
+        self.jwt_cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 
     pub fn decision_log_dropped(&self) {

@@ -267,12 +267,12 @@ async fn key_rotation_is_picked_up_after_one_refetch() {
     server.stop().await;
 }
 
-/// The issuer rotates moments after a fetch (a periodic refresh just before the rotation): the
-/// new kid is inside `min_refetch_interval`, so the request waits out the interval (it fits in
-/// `max_wait`) and then re-fetches, rather than being refused for the rest of the interval. With
-/// an interval longer than `max_wait`, it is refused at once and nothing is fetched.
+/// `min_refetch_interval` limits fetches caused by unknown kids, not periodic refreshes: a new
+/// kid moments after the startup fetch is fetched at once, however long the interval. A second
+/// new kid moments after a kid-miss fetch waits out the interval when that fits `max_wait` (and
+/// then re-fetches), and is refused at once, with nothing fetched, when it does not.
 #[tokio::test]
-async fn a_new_kid_right_after_a_fetch_waits_out_the_refetch_interval() {
+async fn min_refetch_interval_limits_kid_miss_fetches_only() {
     for (interval, max_wait, allowed, refetched) in
         [("700ms", "2s", true, 1), ("30s", "1s", false, 0)]
     {
@@ -282,10 +282,33 @@ async fn a_new_kid_right_after_a_fetch_waits_out_the_refetch_interval() {
         .await;
         let started = std::time::Instant::now();
         let got = server.check(with_token(&new.sign(&claims("b", "")))).await;
+        assert!(
+            got.allowed,
+            "interval {interval}, right after startup: {got:?}"
+        );
+        assert_eq!(jwks.fetches() - before, 1, "interval {interval}");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(500),
+            "fetched at once, took {took:?}"
+        );
+
+        // The issuer rotates again, moments after that kid-miss fetch.
+        let newer = Keys::generate(Algorithm::ES256, "2026-03");
+        jwks.set_keys(&[&new, &newer]);
+        let before = jwks.fetches();
+        let started = std::time::Instant::now();
+        let got = server
+            .check(with_token(&newer.sign(&claims("c", ""))))
+            .await;
         let took = started.elapsed();
         assert_eq!(got.allowed, allowed, "interval {interval}: {got:?}");
         assert_eq!(jwks.fetches() - before, refetched, "interval {interval}");
         if allowed {
+            assert!(
+                took >= Duration::from_millis(300),
+                "waited out the interval: {took:?}"
+            );
             assert!(took < Duration::from_millis(1500), "waited {took:?}");
         } else {
             assert_eq!(got.reason, "jwt_unknown_key");
@@ -298,28 +321,64 @@ async fn a_new_kid_right_after_a_fetch_waits_out_the_refetch_interval() {
     }
 }
 
+/// Sends `n` checks at once, each with its own token signed by `key` (distinct tokens, so the
+/// verified-token cache cannot absorb them); returns each outcome with how long it took.
+async fn concurrent_checks(server: TestServer, key: &Keys, n: usize) -> Vec<(Outcome, Duration)> {
+    let server = std::sync::Arc::new(server);
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let token = key.sign(&claims(&format!("user{i}"), ""));
+            let s = server.clone();
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let got = s.check(with_token(&token)).await;
+                (got, started.elapsed())
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// A flood of new-kid requests while the fetch is slow: `max_waiters` of them wait and are
+/// allowed, the rest are refused at once (keys unavailable), so a burst of unknown kids cannot
+/// park requests without bound.
+#[tokio::test]
+async fn requests_beyond_max_waiters_are_refused_at_once() {
+    let (new, jwks, server, _dir, before) =
+        rotated_issuer(r#", max_waiters: 10, max_wait: "5s""#).await;
+    jwks.set_delay(Duration::from_millis(1500));
+    let (mut allowed, mut refused) = (0, 0);
+    for (got, took) in concurrent_checks(server, &new, 40).await {
+        if got.allowed {
+            allowed += 1;
+            assert!(
+                took >= Duration::from_millis(1000),
+                "waited for the fetch: {took:?}"
+            );
+        } else {
+            refused += 1;
+            assert_eq!(got.reason, "jwt_keys_unavailable", "{got:?}");
+            assert!(
+                took < Duration::from_millis(1000),
+                "refused at once: {took:?}"
+            );
+        }
+    }
+    assert_eq!((allowed, refused), (10, 30));
+    assert_eq!(jwks.fetches(), before + 1, "single flight");
+}
+
 #[tokio::test]
 async fn a_thousand_concurrent_requests_with_a_new_kid_cause_one_fetch() {
     let (new, jwks, server, _dir, before) = rotated_issuer("").await;
     // Slow the JWKS down so every request arrives while the fetch is in flight.
     jwks.set_delay(Duration::from_millis(300));
-
-    let server = std::sync::Arc::new(server);
-    let mut tasks = Vec::new();
-    for i in 0..1000 {
-        // Distinct tokens, so the verified-token cache cannot absorb them.
-        let token = new.sign(&claims(&format!("user{i}"), ""));
-        let s = server.clone();
-        tasks.push(tokio::spawn(async move {
-            s.check(with_token(&token)).await.allowed
-        }));
-    }
-    let mut allowed = 0;
-    for t in tasks {
-        if t.await.unwrap() {
-            allowed += 1;
-        }
-    }
+    let outcomes = concurrent_checks(server, &new, 1000).await;
+    let allowed = outcomes.iter().filter(|(got, _)| got.allowed).count();
     assert_eq!(allowed, 1000);
     assert_eq!(jwks.fetches(), before + 1, "single flight");
 }
@@ -505,13 +564,18 @@ async fn the_same_token_is_verified_once() {
     let k = Keys::generate(Algorithm::RS256, "k");
     let jwks = JwksServer::start(&[&k]).await;
     let (server, _dir) = token_server(&provider(&jwks.uri(), "")).await;
-    let t = k.sign(&claims("a", ""));
+    let (t, other) = (k.sign(&claims("a", "")), k.sign(&claims("b", "")));
     for _ in 0..5 {
         assert!(server.check(with_token(&t)).await.allowed);
     }
+    assert!(server.check(with_token(&other)).await.allowed);
     let (_, metrics) = server.get("/metrics").await;
     assert!(
-        metrics.contains(r#"meshauthz_jwt_validations_total{provider="corp",result="ok"} 1"#),
+        metrics.contains(r#"meshauthz_jwt_validations_total{provider="corp",result="ok"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meshauthz_jwt_cache_entries 2\n"),
         "{metrics}"
     );
     server.stop().await;

@@ -94,6 +94,11 @@ fn bad_configs_name_file_key_and_expectation() {
             "duration",
         ),
         (
+            "policy:\n  paths: [p]\njwt:\n  providers:\n    - {name: a, issuer: i, jwks: {uri: 'https://x', max_waiters: 0}}\n",
+            "jwt.providers[0].jwks.max_waiters",
+            "at least 1",
+        ),
+        (
             "policy:\n  paths: [p]\ndecision_log:\n  sample_rate: 2\n",
             "decision_log.sample_rate",
             "between 0 and 1",

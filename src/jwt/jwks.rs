@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -69,7 +69,11 @@ pub struct Jwks {
     in_flight: AtomicBool,
     /// Counts finished fetch attempts (successful or not); waiters watch it.
     attempts: watch::Sender<u64>,
-    last_attempt: Mutex<Option<Instant>>,
+    /// When the last fetch triggered by an unknown kid started (the one `min_refetch_interval`
+    /// limits; startup and periodic refreshes do not count).
+    last_miss_fetch: Mutex<Option<Instant>>,
+    /// Requests waiting on a fetch or on the refetch interval right now.
+    waiting: AtomicUsize,
     last_error: Mutex<Option<String>>,
     metrics: Arc<Metrics>,
 }
@@ -109,7 +113,8 @@ impl Jwks {
             current: ArcSwapOption::empty(),
             in_flight: AtomicBool::new(false),
             attempts: watch::channel(0).0,
-            last_attempt: Mutex::new(None),
+            last_miss_fetch: Mutex::new(None),
+            waiting: AtomicUsize::new(0),
             last_error: Mutex::new(None),
             metrics,
         })
@@ -160,7 +165,7 @@ impl Jwks {
     ) -> Result<Vec<DecodingKey>, Failure> {
         let mut snapshot = self.current.load_full();
         if snapshot.is_none() {
-            snapshot = self.refresh_and_wait(None, false).await;
+            snapshot = self.refresh_and_wait(None, false).await?;
         }
         let set = snapshot.as_ref().ok_or_else(|| {
             Failure::KeysUnavailable(
@@ -172,7 +177,7 @@ impl Jwks {
         let mut found = matching(set, kid, alg);
         if found.is_empty() && kid.is_some() {
             // A new kid may mean the issuer rotated keys: re-fetch once (rate limited).
-            if let Some(fresh) = self.refresh_and_wait(Some(set), true).await {
+            if let Some(fresh) = self.refresh_and_wait(Some(set), true).await? {
                 found = matching(&fresh, kid, alg);
                 return self.usable(&fresh, found);
             }
@@ -194,12 +199,13 @@ impl Jwks {
     }
 
     /// Triggers a fetch (unless another is in flight, or `seen` is no longer current) and waits
-    /// for it up to `max_wait`. Returns whatever keys are current afterwards.
+    /// for it up to `max_wait`. Returns whatever keys are current afterwards. `kid_miss`: the
+    /// caller holds a kid the current keys lack, so `min_refetch_interval` applies.
     async fn refresh_and_wait(
         self: &Arc<Self>,
         seen: Option<&Arc<KeySet>>,
-        rate_limited: bool,
-    ) -> Option<Arc<KeySet>> {
+        kid_miss: bool,
+    ) -> Result<Option<Arc<KeySet>>, Failure> {
         let current = self.current.load_full();
         let stale_view = match (seen, &current) {
             (Some(s), Some(c)) => Arc::ptr_eq(s, c),
@@ -208,40 +214,60 @@ impl Jwks {
         };
         if !stale_view {
             // Someone refreshed since the caller looked.
-            return current;
+            return Ok(current);
         }
+        let _waiting = self.enter_wait()?;
         let mut rx = self.attempts.subscribe();
         let start = *rx.borrow_and_update();
         let mut budget = self.config.max_wait;
-        if rate_limited && !self.in_flight.load(Ordering::Acquire) {
-            let since = lock(&self.last_attempt).map(|t| t.elapsed());
+        if kid_miss && !self.in_flight.load(Ordering::Acquire) {
+            let since = lock(&self.last_miss_fetch).map(|t| t.elapsed());
             if let Some(since) = since
                 && since < self.config.min_refetch_interval
             {
-                // Fetched moments ago (a refresh just before the issuer rotated, say). Rather
-                // than refuse a new kid for the rest of the interval, wait for the interval to
-                // end when that fits the budget; the fetch rate stays bounded either way.
+                // An unknown kid was fetched for moments ago (the issuer rotated twice, or
+                // someone sends made-up kids). Rather than refuse this kid for the rest of the
+                // interval, wait for it to end when that fits the budget; the fetch rate stays
+                // bounded either way.
                 let remaining = self.config.min_refetch_interval - since;
                 if remaining >= budget {
-                    return current;
+                    return Ok(current);
                 }
                 tokio::time::sleep(remaining).await;
                 budget -= remaining;
                 if *rx.borrow() != start {
                     // Someone fetched while we waited.
-                    return self.current.load_full();
+                    return Ok(self.current.load_full());
                 }
             }
         }
-        self.trigger();
+        self.trigger(kid_miss);
         let _ = tokio::time::timeout(budget, rx.wait_for(|n| *n != start)).await;
-        self.current.load_full()
+        Ok(self.current.load_full())
+    }
+
+    /// Counts the caller among the waiters, or refuses it when `max_waiters` already wait: a
+    /// parked request holds its whole state, so a flood of unknown kids must not park without
+    /// bound.
+    fn enter_wait(&self) -> Result<Waiting<'_>, Failure> {
+        let before = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let guard = Waiting(&self.waiting);
+        if before >= self.config.max_waiters {
+            return Err(Failure::KeysUnavailable(format!(
+                "{} requests are already waiting for this issuer's keys (max_waiters)",
+                self.config.max_waiters
+            )));
+        }
+        Ok(guard)
     }
 
     /// Starts a background fetch unless one is already running.
-    fn trigger(self: &Arc<Self>) {
+    fn trigger(self: &Arc<Self>, kid_miss: bool) {
         if self.in_flight.swap(true, Ordering::AcqRel) {
             return;
+        }
+        if kid_miss {
+            *lock(&self.last_miss_fetch) = Some(Instant::now());
         }
         // The fetch runs detached so a request that stops waiting does not cancel it.
         let this = self.clone();
@@ -257,7 +283,6 @@ impl Jwks {
     }
 
     async fn fetch_inner(&self) -> Result<usize, String> {
-        *lock(&self.last_attempt) = Some(Instant::now());
         let result = self.fetch_keys().await;
         let outcome = result.as_ref().map(Vec::len).map_err(Clone::clone);
         match result {
@@ -392,6 +417,16 @@ fn parse_jwks(body: &[u8]) -> Result<Vec<Key>, String> {
         return Err("JWKS holds no usable signing key".into());
     }
     Ok(keys)
+}
+
+/// One request counted in [`Jwks::enter_wait`]; uncounted when dropped (also when the request
+/// is cancelled mid-wait).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
