@@ -657,6 +657,10 @@ struct LimitCase {
     claims_depth: Option<usize>,
     #[serde(default)]
     duplicate_authorization: bool,
+    /// Header names (any case) that each carry a bearer token signed by the wrong key: the
+    /// token must be found and refused whatever the names' case.
+    #[serde(default)]
+    forged_token_headers: Vec<String>,
     want: u16,
     reason: Option<String>,
 }
@@ -670,6 +674,8 @@ async fn limits_table() {
         jwks.uri()
     );
     let (server, _dir) = server_with_policy(ECHO_PATH, &extra).await;
+    // Same kid, other key: a forgery the verifier must see to refuse.
+    let forger = Keys::generate(Algorithm::ES256, "k");
     let text = std::fs::read_to_string(repo().join("tests/cases/limits.yaml")).unwrap();
     let file: LimitCases = yaml_serde::from_str(&text).unwrap();
     let mut failures = Vec::new();
@@ -704,6 +710,10 @@ async fn limits_table() {
             let mut c = claims("a", "");
             c["deep"] = nested;
             req = req.bearer(&keys.sign(&c));
+        }
+        for name in &case.forged_token_headers {
+            let name: &'static str = Box::leak(name.clone().into_boxed_str());
+            req = req.header(name, format!("Bearer {}", forger.sign(&claims("a", ""))));
         }
         if case.duplicate_authorization {
             let t = keys.sign(&claims("a", ""));
