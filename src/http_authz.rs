@@ -125,12 +125,8 @@ fn attributes(
     let mut map: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in headers {
         let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        map.entry(name.as_str().to_string())
-            .and_modify(|v| {
-                v.push(',');
-                v.push_str(&value);
-            })
-            .or_insert(value);
+        // hyper's names are lower case already.
+        crate::request::join_header(&mut map, name.as_str().to_string(), value);
     }
     let principal = if cfg.trusted_xfcc {
         match map.get("x-forwarded-client-cert") {

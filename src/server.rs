@@ -5,7 +5,6 @@
 //! denial is always `Ok(CheckResponse)` with a denied HTTP response, never a gRPC error, because
 //! Envoy's `failure_mode_allow` would turn an error into an allow.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use envoy_types::ext_authz::v3::pb::{
@@ -152,7 +151,7 @@ fn peer(p: attribute_context::Peer) -> req::Peer {
 }
 
 fn http(h: attribute_context::HttpRequest) -> req::HttpRequest {
-    let mut headers = lowercase_headers(h.headers);
+    let mut headers = req::lowercase_headers(h.headers);
     // With `encode_raw_headers`, Envoy sends `header_map` instead; fold it into the same shape
     // (repeated headers joined with ',', as Envoy does for `headers`).
     if let Some(map) = h.header_map {
@@ -162,7 +161,7 @@ fn http(h: attribute_context::HttpRequest) -> req::HttpRequest {
             } else {
                 String::from_utf8_lossy(&hv.raw_value).into_owned()
             };
-            join_header(&mut headers, hv.key.to_ascii_lowercase(), value);
+            req::join_header(&mut headers, hv.key.to_ascii_lowercase(), value);
         }
     }
     req::HttpRequest {
@@ -184,37 +183,6 @@ fn http(h: attribute_context::HttpRequest) -> req::HttpRequest {
             base64::engine::general_purpose::STANDARD.encode(&h.raw_body)
         },
     }
-}
-
-/// Header names as the upstream sees them: lower case, and names that differ only in case
-/// joined with ',' (Envoy's rule for a repeated header). Envoy itself sends lower-case names;
-/// a caller that does not must neither hide a token from the extractor (`Authorization`) nor
-/// smuggle a second one past it (`authorization` and `AUTHORIZATION`).
-fn lowercase_headers(headers: HashMap<String, String>) -> BTreeMap<String, String> {
-    if !headers
-        .keys()
-        .any(|k| k.bytes().any(|b| b.is_ascii_uppercase()))
-    {
-        return headers.into_iter().collect();
-    }
-    // Sorted first, so the joined order does not depend on the map's.
-    let mut sorted: Vec<(String, String)> = headers.into_iter().collect();
-    sorted.sort_unstable();
-    let mut out = BTreeMap::new();
-    for (name, value) in sorted {
-        join_header(&mut out, name.to_ascii_lowercase(), value);
-    }
-    out
-}
-
-fn join_header(headers: &mut BTreeMap<String, String>, name: String, value: String) {
-    headers
-        .entry(name)
-        .and_modify(|v| {
-            v.push(',');
-            v.push_str(&value);
-        })
-        .or_insert(value);
 }
 
 /// RFC 3339 with 0, 3, 6 or 9 fractional digits, as protojson renders a Timestamp.
@@ -374,51 +342,4 @@ fn value_to_proto(v: &regorus::Value) -> pbuf::Value {
         V::Object(_) => Kind::StructValue(value_to_struct(v).unwrap_or_default()),
     };
     pbuf::Value { kind: Some(kind) }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::{BTreeMap, HashMap};
-
-    use super::lowercase_headers;
-
-    /// Header name → value pairs.
-    type Headers<'a> = &'a [(&'a str, &'a str)];
-
-    #[test]
-    fn header_names_are_lowercased_and_case_variants_joined() {
-        let cases: &[(Headers, Headers)] = &[
-            (
-                &[("authorization", "Bearer a"), ("x-b", "1")],
-                &[("authorization", "Bearer a"), ("x-b", "1")],
-            ),
-            (
-                &[("Authorization", "Bearer a")],
-                &[("authorization", "Bearer a")],
-            ),
-            (
-                &[("X-Jwt-Sub", "forged"), ("host", "h")],
-                &[("host", "h"), ("x-jwt-sub", "forged")],
-            ),
-            (
-                &[("authorization", "Bearer b"), ("AUTHORIZATION", "Bearer a")],
-                &[("authorization", "Bearer a,Bearer b")],
-            ),
-            (
-                &[("x-a", "3"), ("X-A", "1"), ("X-a", "2")],
-                &[("x-a", "1,2,3")],
-            ),
-        ];
-        for (input, want) in cases {
-            let input: HashMap<String, String> = input
-                .iter()
-                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-                .collect();
-            let want: BTreeMap<String, String> = want
-                .iter()
-                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-                .collect();
-            assert_eq!(lowercase_headers(input.clone()), want, "{input:?}");
-        }
-    }
 }
