@@ -109,17 +109,20 @@ impl App {
             }
             None => None,
         };
+        let streams = self.config.server.max_concurrent_streams;
         let grpc_task = match tls.as_ref().filter(|t| t.config().grpc) {
             Some(t) => tokio::spawn(server::run_tls(
                 t.incoming(grpc),
                 self.authz.clone(),
                 health_service,
+                streams,
                 stopped(),
             )),
             None => tokio::spawn(server::run(
                 grpc,
                 self.authz.clone(),
                 health_service,
+                streams,
                 stopped(),
             )),
         };

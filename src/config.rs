@@ -53,6 +53,10 @@ pub struct ServerConfig {
     pub worker_threads: Option<usize>,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS on the gRPC listener. h2 keeps a connection's
+    /// frame buffers at their high-water mark until the connection closes, so this caps what a
+    /// burst (a stalled process catching up, a client fan-out) can leave behind.
+    pub max_concurrent_streams: u32,
     /// The HTTP ext_authz mode on the HTTP listener.
     pub http_authz: http_authz::Config,
     /// TLS (and optionally mTLS) on our listeners.
@@ -84,6 +88,8 @@ struct RawServer {
     worker_threads: usize,
     #[serde(default = "default_shutdown_grace")]
     shutdown_grace: String,
+    #[serde(default = "default_max_concurrent_streams")]
+    max_concurrent_streams: u32,
     #[serde(default)]
     http_authz: http_authz::RawConfig,
     tls: Option<tls::RawConfig>,
@@ -96,6 +102,7 @@ impl Default for RawServer {
             http_addr: default_http_addr(),
             worker_threads: 0,
             shutdown_grace: default_shutdown_grace(),
+            max_concurrent_streams: default_max_concurrent_streams(),
             http_authz: http_authz::RawConfig::default(),
             tls: None,
         }
@@ -110,6 +117,10 @@ fn default_http_addr() -> String {
 }
 fn default_shutdown_grace() -> String {
     "10s".into()
+}
+/// hyper's own default, which tonic replaces with "unlimited" unless it is set.
+fn default_max_concurrent_streams() -> u32 {
+    200
 }
 
 /// Validation context handed to each section: it knows the file and the base directory and turns
@@ -211,6 +222,15 @@ impl RawServer {
             http_addr: ctx.socket_addr("server.http_addr", &self.http_addr)?,
             worker_threads: (self.worker_threads > 0).then_some(self.worker_threads),
             shutdown_grace: ctx.duration("server.shutdown_grace", &self.shutdown_grace)?,
+            max_concurrent_streams: match self.max_concurrent_streams {
+                0 => {
+                    return Err(ctx.err(
+                        "server.max_concurrent_streams",
+                        "expected at least 1 (0 would refuse every Check)",
+                    ));
+                }
+                n => n,
+            },
             http_authz: self.http_authz.validate(ctx)?,
             tls: self.tls.map(|t| t.validate(ctx)).transpose()?,
         })

@@ -60,26 +60,30 @@ fn routes(
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
+    max_concurrent_streams: u32,
 ) -> tonic::transport::server::Router {
     tonic::transport::Server::builder()
+        .max_concurrent_streams(max_concurrent_streams)
         .add_service(health_service)
         .add_service(AuthorizationServer::new(CheckService::new(authz)))
 }
 
-/// Serves ext_authz and gRPC health on `listener` until `shutdown` resolves.
+/// Serves ext_authz and gRPC health on `listener` until `shutdown` resolves, at most
+/// `max_concurrent_streams` Checks at a time on each connection.
 pub async fn run(
     listener: TcpListener,
     authz: Arc<Authorizer>,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
+    max_concurrent_streams: u32,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     // TCP_NODELAY on every accepted connection (the builder's own setting only applies when
     // tonic binds the socket itself). Without it a response split over two writes waits for
     // Envoy's delayed ACK: measured through Envoy, ext_authz p50 fell from 1.3 ms to 0.48 ms with it.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    routes(authz, health_service)
+    routes(authz, health_service, max_concurrent_streams)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
@@ -94,12 +98,13 @@ pub async fn run_tls(
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
+    max_concurrent_streams: u32,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     use tokio_stream::StreamExt as _;
     let stream = tokio_stream::wrappers::ReceiverStream::new(incoming)
         .map(|(conn, _)| Ok::<_, std::io::Error>(conn));
-    routes(authz, health_service)
+    routes(authz, health_service, max_concurrent_streams)
         .serve_with_incoming_shutdown(stream, shutdown)
         .await
 }

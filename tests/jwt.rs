@@ -25,6 +25,14 @@ allow := {"allowed": false, "http_status": 403} if not input.jwt
 "#;
 
 async fn token_server(provider_yaml: &str) -> (TestServer, tempfile::TempDir) {
+    token_server_with("", provider_yaml).await
+}
+
+/// As [`token_server`], with a `server:` section (`server_yaml` is its indented body).
+async fn token_server_with(
+    server_yaml: &str,
+    provider_yaml: &str,
+) -> (TestServer, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let pdir = dir.path().join("policies");
     std::fs::create_dir(&pdir).unwrap();
@@ -32,7 +40,12 @@ async fn token_server(provider_yaml: &str) -> (TestServer, tempfile::TempDir) {
     let file = write_config(
         dir.path(),
         &format!(
-            "policy:\n  paths: [policies]\njwt:\n{provider_yaml}\ndecision_log: {{ enabled: false }}\n"
+            "{server}policy:\n  paths: [policies]\njwt:\n{provider_yaml}\ndecision_log: {{ enabled: false }}\n",
+            server = if server_yaml.is_empty() {
+                String::new()
+            } else {
+                format!("server:\n{server_yaml}\n")
+            }
         ),
     );
     (TestServer::start(&file).await, dir)
@@ -243,10 +256,18 @@ async fn attack_tokens_are_denied_with_the_right_reason() {
 /// publishing a new key too. Returns the new key and the fetch count at that point.
 /// `extra` is added to the provider's `jwks` settings.
 async fn rotated_issuer(extra: &str) -> (Keys, JwksServer, TestServer, tempfile::TempDir, usize) {
+    rotated_issuer_with("", extra).await
+}
+
+/// As [`rotated_issuer`], with a `server:` section.
+async fn rotated_issuer_with(
+    server_yaml: &str,
+    extra: &str,
+) -> (Keys, JwksServer, TestServer, tempfile::TempDir, usize) {
     let old = Keys::generate(Algorithm::ES256, "2026-01");
     let new = Keys::generate(Algorithm::ES256, "2026-02");
     let jwks = JwksServer::start(&[&old]).await;
-    let (server, dir) = token_server(&provider(&jwks.uri(), extra)).await;
+    let (server, dir) = token_server_with(server_yaml, &provider(&jwks.uri(), extra)).await;
     let warm = server.check(with_token(&old.sign(&claims("a", "")))).await;
     assert!(warm.allowed, "{warm:?}");
     let before = jwks.fetches();
@@ -369,6 +390,24 @@ async fn requests_beyond_max_waiters_are_refused_at_once() {
         }
     }
     assert_eq!((allowed, refused), (10, 30));
+    assert_eq!(jwks.fetches(), before + 1, "single flight");
+}
+
+/// The same flood on one connection to a server that allows 4 concurrent streams: the client
+/// holds the rest back (HTTP/2 flow), so at most 4 Checks wait on the fetch, none is refused by
+/// `max_waiters`, and all 40 are allowed once the keys arrive. Without the cap (tonic's default is
+/// "unlimited") this is the 10-allowed/30-refused case above.
+#[tokio::test]
+async fn max_concurrent_streams_bounds_checks_in_flight_per_connection() {
+    let (new, jwks, server, _dir, before) = rotated_issuer_with(
+        "  max_concurrent_streams: 4",
+        r#", max_waiters: 10, max_wait: "5s""#,
+    )
+    .await;
+    jwks.set_delay(Duration::from_millis(1500));
+    let outcomes = concurrent_checks(server, &new, 40).await;
+    let refused: Vec<_> = outcomes.iter().filter(|(got, _)| !got.allowed).collect();
+    assert!(refused.is_empty(), "{refused:?}");
     assert_eq!(jwks.fetches(), before + 1, "single flight");
 }
 

@@ -46,6 +46,11 @@ fn bad_configs_name_file_key_and_expectation() {
             "server.shutdown_grace",
             "duration",
         ),
+        (
+            "server:\n  max_concurrent_streams: 0\npolicy:\n  paths: [p]\n",
+            "server.max_concurrent_streams",
+            "at least 1",
+        ),
         ("policy:\n  paths: []\n", "policy.paths", "at least one"),
         (
             "policy:\n  paths: [p]\n  decision: envoy.authz.allow\n",
