@@ -131,6 +131,19 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// `n` unless it is 0; `why` says what 0 would do.
+    pub fn nonzero<T: Default + PartialEq>(
+        &self,
+        key: impl Into<String>,
+        n: T,
+        why: &str,
+    ) -> Result<T, Error> {
+        if n == T::default() {
+            return Err(self.err(key, format!("expected at least 1 ({why})")));
+        }
+        Ok(n)
+    }
+
     /// An error at `key` (a dotted path such as `jwt.providers[0].issuer`).
     pub fn err(&self, key: impl Into<String>, message: impl Into<String>) -> Error {
         Error::Invalid {
@@ -222,15 +235,11 @@ impl RawServer {
             http_addr: ctx.socket_addr("server.http_addr", &self.http_addr)?,
             worker_threads: (self.worker_threads > 0).then_some(self.worker_threads),
             shutdown_grace: ctx.duration("server.shutdown_grace", &self.shutdown_grace)?,
-            max_concurrent_streams: match self.max_concurrent_streams {
-                0 => {
-                    return Err(ctx.err(
-                        "server.max_concurrent_streams",
-                        "expected at least 1 (0 would refuse every Check)",
-                    ));
-                }
-                n => n,
-            },
+            max_concurrent_streams: ctx.nonzero(
+                "server.max_concurrent_streams",
+                self.max_concurrent_streams,
+                "0 would refuse every Check",
+            )?,
             http_authz: self.http_authz.validate(ctx)?,
             tls: self.tls.map(|t| t.validate(ctx)).transpose()?,
         })

@@ -389,15 +389,11 @@ impl RawJwks {
                 &format!("{key}.min_refetch_interval"),
                 &self.min_refetch_interval,
             )?,
-            max_waiters: match self.max_waiters.unwrap_or(DEFAULT_MAX_WAITERS) {
-                0 => {
-                    return Err(ctx.err(
-                        format!("{key}.max_waiters"),
-                        "expected at least 1 (0 would refuse every request that needs a fetch)",
-                    ));
-                }
-                n => n,
-            },
+            max_waiters: ctx.nonzero(
+                format!("{key}.max_waiters"),
+                self.max_waiters.unwrap_or(DEFAULT_MAX_WAITERS),
+                "0 would refuse every request that needs a fetch",
+            )?,
             ca_file: self.ca_file.map(|f| ctx.resolve(&f)),
         })
     }

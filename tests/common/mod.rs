@@ -178,8 +178,8 @@ pub fn request(principal: Option<&str>, method: &str, path: &str) -> CheckReques
     .build()
 }
 
-impl Req<'_> {
-    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+impl<'a> Req<'a> {
+    pub fn header(mut self, name: &'a str, value: impl Into<String>) -> Self {
         self.headers.push((name, value.into()));
         self
     }
