@@ -51,6 +51,7 @@ impl App {
             metrics: metrics.clone(),
             limits: config.limits,
             dry_run: config.policy.dry_run,
+            peer_certs: Default::default(),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
         };
         Ok(Arc::new(App {
@@ -110,9 +111,10 @@ impl App {
             None => None,
         };
         let streams = self.config.server.max_concurrent_streams;
+        let connections = self.config.server.connections;
         let grpc_task = match tls.as_ref().filter(|t| t.config().grpc) {
             Some(t) => tokio::spawn(server::run_tls(
-                t.incoming(grpc),
+                t.incoming(crate::conn::accept(grpc, connections)),
                 self.authz.clone(),
                 health_service,
                 streams,
@@ -123,11 +125,18 @@ impl App {
                 self.authz.clone(),
                 health_service,
                 streams,
+                connections,
                 stopped(),
             )),
         };
         let http_tls = tls.filter(|t| t.config().http);
-        let http_task = tokio::spawn(http::run(http_listener, self.clone(), http_tls, stopped()));
+        let http_task = tokio::spawn(http::run(
+            http_listener,
+            self.clone(),
+            http_tls,
+            connections,
+            stopped(),
+        ));
         tracing::info!(
             grpc = %grpc_addr,
             http = %http_addr,

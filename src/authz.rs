@@ -36,6 +36,8 @@ pub struct Authorizer {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub dry_run: bool,
+    /// URI SANs of the peer certificates seen.
+    pub peer_certs: crate::identity::cert::UriSans,
     /// Checks being decided right now (shutdown waits for them, not for idle connections).
     pub in_flight: std::sync::atomic::AtomicUsize,
 }
@@ -72,17 +74,54 @@ struct Facts {
     jwt_provider: Option<String>,
     jwt_sub: Option<String>,
     jwt_fingerprint: Option<jwt::TokenDigest>,
+    /// The verified token, for the identity headers.
+    verified: Option<Arc<jwt::Verified>>,
+    /// The header the verified token came in (removed when its provider does not forward it).
+    token_header: Option<String>,
     eval_us: u64,
 }
 
+/// Which transport brought a Check: each can enforce a different part of a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// `envoy.service.auth.v3.Authorization/Check`: every part of a decision is enforceable.
+    #[default]
+    Grpc,
+    /// Envoy's `http_service`: there is no way to rewrite the query string.
+    Http,
+}
+
+/// What a transport knows about a Check beyond its attributes.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    pub transport: Transport,
+    /// When Envoy stops waiting for the answer (its `grpc-timeout`), if it said.
+    pub deadline: Option<tokio::time::Instant>,
+    /// The transport could not read the request (e.g. a malformed `x-forwarded-client-cert`):
+    /// the Check is a 400, decided, logged and counted like any other denial.
+    pub malformed: Option<String>,
+}
+
+/// How much earlier than Envoy's deadline meshauthz answers: a fifth of the time Envoy gave,
+/// at most 50 ms, so the answer is written before Envoy's timer fires.
+pub fn answer_by(timeout: std::time::Duration) -> tokio::time::Instant {
+    let margin = (timeout / 5).min(std::time::Duration::from_millis(50));
+    tokio::time::Instant::now() + timeout.saturating_sub(margin)
+}
+
 impl Authorizer {
-    /// Decides one request.
+    /// Decides one request that came over gRPC without a deadline.
     pub async fn check(&self, attrs: Attributes) -> Checked {
+        self.check_with(attrs, Context::default()).await
+    }
+
+    /// Decides one request.
+    pub async fn check_with(&self, attrs: Attributes, ctx: Context) -> Checked {
         let _in_flight = InFlight::enter(&self.in_flight);
         let start = Instant::now();
         let policy = self.policy.current();
         let mut facts = Facts::default();
-        let decision = self.decide(&attrs, &policy, &mut facts).await;
+        let decision = self.decide(&attrs, &ctx, &policy, &mut facts).await;
         let computed_allowed = decision.allowed;
         let decision_id = new_decision_id();
         let (status, category) = (decision.status, decision.reason.category);
@@ -94,13 +133,15 @@ impl Authorizer {
         };
 
         let mut enforced = if self.dry_run && !decision.allowed {
-            let mut allow = Decision::allow(decision.reason.clone());
-            // Identity headers still flow, so upstreams behave as they will once enforced.
-            allow.request_headers_to_remove = decision.request_headers_to_remove.clone();
-            allow
+            // The verdict changes, the identity hygiene does not: headers are shaped below
+            // exactly as they would be on an enforced allow.
+            Decision::allow(decision.reason.clone())
         } else {
             decision
         };
+        if enforced.allowed {
+            self.shape_identity_headers(&mut enforced, &facts);
+        }
         add_decision_id(&mut enforced, &decision_id);
 
         let elapsed = start.elapsed();
@@ -143,17 +184,57 @@ impl Authorizer {
         }
     }
 
+    /// The one place identity headers are shaped, for both transports and for dry-run: each
+    /// configured claim header is either set (overwriting the client's copy) from the verified
+    /// token or removed, and so are its underscore spellings (`x_jwt_sub`), which CGI/WSGI and
+    /// several frameworks read as `x-jwt-sub`. Removal is unconditional: a transport may not
+    /// have shown us the client's copy (`allowed_headers`), so its absence here proves nothing.
+    fn shape_identity_headers(&self, decision: &mut Decision, facts: &Facts) {
+        let mut set: Vec<&str> = Vec::new();
+        if let Some(v) = &facts.verified {
+            for (name, value) in &v.claim_headers {
+                decision
+                    .headers
+                    .retain(|h| !h.name.eq_ignore_ascii_case(name));
+                decision.headers.push(Header {
+                    name: name.clone(),
+                    value: value.clone(),
+                    append: false,
+                });
+                set.push(name);
+            }
+            if !self.jwt.provider_forwards_token(v.provider)
+                && let Some(h) = &facts.token_header
+            {
+                decision.request_headers_to_remove.push(h.clone());
+            }
+        }
+        let remove = &mut decision.request_headers_to_remove;
+        for (name, underscored) in self.jwt.claim_header_names() {
+            for n in std::iter::once(name).chain(underscored) {
+                let keep = set.contains(&n.as_str()) && n == name;
+                if !keep && !remove.contains(n) {
+                    remove.push(n.clone());
+                }
+            }
+        }
+    }
+
     async fn decide(
         &self,
         attrs: &Attributes,
+        ctx: &Context,
         policy: &crate::policy::Policy,
         facts: &mut Facts,
     ) -> Decision {
+        if let Some(detail) = &ctx.malformed {
+            return Decision::bad_request(detail.clone());
+        }
         let Some(http) = attrs.http() else {
             return Decision::bad_request("request has no HTTP attributes");
         };
-        if let Err(detail) = self.check_limits(http) {
-            return Decision::deny(400, Reason::new("limit_exceeded", detail));
+        if let Err((status, detail)) = self.check_limits(http) {
+            return Decision::deny(status, Reason::new("limit_exceeded", detail));
         }
         let target = match path::parse_with(&http.path, self.limits.ambiguous_paths) {
             Ok(t) => t,
@@ -161,23 +242,26 @@ impl Authorizer {
         };
         facts.peer = attrs
             .source_principal()
-            .and_then(|p| SpiffeId::parse(p).ok());
+            .and_then(|p| SpiffeId::parse(p).ok())
+            .filter(|id| self.backed_by_certificate(attrs, id));
 
         // The bearer token, verified before the policy runs.
-        let mut verified = None;
-        let mut token_header = None;
         if self.jwt.is_enabled() {
             match self.jwt.extract(&http.headers, self.limits.max_token_bytes) {
                 Ok(None) => {}
                 Ok(Some(found)) => {
                     let digest = jwt::TokenDigest::of(&found.token);
                     facts.jwt_fingerprint = Some(digest);
-                    match self.jwt.verify_digested(&found.token, &digest).await {
+                    match self
+                        .jwt
+                        .verify_digested(&found.token, &digest, ctx.deadline)
+                        .await
+                    {
                         Ok(v) => {
                             facts.jwt_provider = Some(v.provider_name.clone());
                             facts.jwt_sub = v.subject.clone();
-                            token_header = Some(found.header);
-                            verified = Some(v);
+                            facts.token_header = Some(found.header);
+                            facts.verified = Some(v);
                         }
                         Err(failure) => return jwt_denial(&failure),
                     }
@@ -186,71 +270,67 @@ impl Authorizer {
             }
         }
 
-        let (parsed_body, truncated_body) = input::parsed_body(http);
+        let body = if policy.reads_parsed_body() {
+            input::parsed_body(http, &self.limits)
+        } else {
+            input::Body::default()
+        };
         let doc = input::document(
             attrs,
             Extras {
                 target: Some(&target),
                 peer: facts.peer.as_ref(),
-                jwt: verified.as_ref().map(|v| v.document.clone()),
-                parsed_body,
-                truncated_body,
+                jwt: facts.verified.as_ref().map(|v| v.document.clone()),
+                parsed_body: body.parsed,
+                truncated_body: body.truncated,
             },
         );
         let eval_start = Instant::now();
         let result = policy.evaluate(doc);
         facts.eval_us = u64::try_from(eval_start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let mut decision = match result {
+        let decision = match result {
             Ok(value) => Decision::from_policy(&value),
             Err(e) => Decision::policy_error(e.to_string()),
         };
-
-        if decision.allowed {
-            // Identity headers overwrite whatever the client sent; configured claim headers the
-            // token does not fill are removed, so a forged copy never reaches the upstream.
-            let mut set: Vec<&str> = Vec::new();
-            if let Some(v) = &verified {
-                for (name, value) in &v.claim_headers {
-                    decision
-                        .headers
-                        .retain(|h| !h.name.eq_ignore_ascii_case(name));
-                    decision.headers.push(Header {
-                        name: name.clone(),
-                        value: value.clone(),
-                        append: false,
-                    });
-                    set.push(name);
-                }
-                if !self.jwt.provider_forwards_token(v.provider)
-                    && let Some(h) = &token_header
-                {
-                    decision.request_headers_to_remove.push(h.clone());
-                }
-            }
-            for name in self.jwt.claim_header_names() {
-                if !set.contains(&name) && http.headers.contains_key(name) {
-                    decision.request_headers_to_remove.push(name.to_string());
-                }
-            }
-        }
-        decision
+        enforceable(decision, ctx.transport)
     }
 
-    fn check_limits(&self, http: &crate::request::HttpRequest) -> Result<(), String> {
+    /// A SPIFFE ID counts only when it is a URI SAN of the peer certificate, if the Check
+    /// carries one (Envoy falls back to a DNS SAN for `source.principal`).
+    fn backed_by_certificate(&self, attrs: &Attributes, id: &SpiffeId) -> bool {
+        match attrs.source.as_ref().map(|s| s.certificate.as_str()) {
+            Some(cert) if !cert.is_empty() => self.peer_certs.backs(cert, &id.to_string()),
+            _ => true,
+        }
+    }
+
+    /// The size limits, as (status, detail): 400 for the request's shape, 413 for its body.
+    fn check_limits(&self, http: &crate::request::HttpRequest) -> Result<(), (u16, String)> {
         if http.path.len() > self.limits.max_path_bytes {
-            return Err(format!(
-                "path is longer than {} bytes",
-                self.limits.max_path_bytes
+            return Err((
+                400,
+                format!("path is longer than {} bytes", self.limits.max_path_bytes),
             ));
         }
         if http.headers.len() > self.limits.max_headers {
-            return Err(format!("more than {} headers", self.limits.max_headers));
+            return Err((
+                400,
+                format!("more than {} headers", self.limits.max_headers),
+            ));
         }
         let bytes: usize = http.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
         if bytes > self.limits.max_header_bytes {
-            return Err(format!(
-                "headers exceed {} bytes",
-                self.limits.max_header_bytes
+            return Err((
+                400,
+                format!("headers exceed {} bytes", self.limits.max_header_bytes),
+            ));
+        }
+        // rawBody arrives base64-encoded here (4/3 of its size).
+        let body = http.body.len().max(http.raw_body.len() / 4 * 3);
+        if body > self.limits.max_body_bytes {
+            return Err((
+                413,
+                format!("body exceeds {} bytes", self.limits.max_body_bytes),
             ));
         }
         Ok(())
@@ -266,6 +346,23 @@ fn jwt_denial(failure: &jwt::Failure) -> Decision {
         append: false,
     });
     d
+}
+
+/// An allow is only an allow if the transport can carry out all of it: an allow whose query
+/// rewrite the HTTP transport would silently drop is a policy bug, denied and explained.
+fn enforceable(decision: Decision, transport: Transport) -> Decision {
+    let rewrites_query = !decision.query_parameters_to_set.is_empty()
+        || !decision.query_parameters_to_remove.is_empty();
+    if decision.allowed && transport == Transport::Http && rewrites_query {
+        return Decision::deny(
+            crate::decision::POLICY_ERROR_STATUS,
+            Reason::new(
+                "invalid_decision",
+                "query_parameters_to_set/query_parameters_to_remove cannot be enforced over the HTTP ext_authz transport (Envoy http_service); use the gRPC transport",
+            ),
+        );
+    }
+    decision
 }
 
 fn new_decision_id() -> String {

@@ -57,6 +57,8 @@ pub struct ServerConfig {
     /// frame buffers at their high-water mark until the connection closes, so this caps what a
     /// burst (a stalled process catching up, a client fan-out) can leave behind.
     pub max_concurrent_streams: u32,
+    /// Connection cap and timeouts, on both listeners.
+    pub connections: crate::conn::Settings,
     /// The HTTP ext_authz mode on the HTTP listener.
     pub http_authz: http_authz::Config,
     /// TLS (and optionally mTLS) on our listeners.
@@ -90,6 +92,9 @@ struct RawServer {
     shutdown_grace: String,
     #[serde(default = "default_max_concurrent_streams")]
     max_concurrent_streams: u32,
+    max_connections: Option<usize>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
     #[serde(default)]
     http_authz: http_authz::RawConfig,
     tls: Option<tls::RawConfig>,
@@ -103,6 +108,9 @@ impl Default for RawServer {
             worker_threads: 0,
             shutdown_grace: default_shutdown_grace(),
             max_concurrent_streams: default_max_concurrent_streams(),
+            max_connections: None,
+            header_read_timeout: None,
+            idle_timeout: None,
             http_authz: http_authz::RawConfig::default(),
             tls: None,
         }
@@ -217,15 +225,43 @@ impl Config {
         let limits = raw.limits.validate(&ctx)?;
         let mut jwt = raw.jwt.validate(&ctx)?;
         jwt.max_claims_depth = limits.max_claims_depth;
+        let decision_log = raw.decision_log.validate(&ctx)?;
+        refuse_logged_token_headers(&ctx, &decision_log, &jwt)?;
         Ok(Config {
             file: file.to_path_buf(),
             server: raw.server.validate(&ctx)?,
             policy: raw.policy.validate(&ctx)?,
             jwt,
-            decision_log: raw.decision_log.validate(&ctx)?,
+            decision_log,
             limits,
         })
     }
+}
+
+/// A header a provider reads tokens from is a credential: copying it into the decision log
+/// would log whole tokens. Spellings that differ only in `-`/`_` count as the same header.
+fn refuse_logged_token_headers(
+    ctx: &Ctx<'_>,
+    log: &decision_log::Config,
+    jwt: &jwt::Config,
+) -> Result<(), Error> {
+    let canonical = |h: &str| h.to_ascii_lowercase().replace('_', "-");
+    for (i, logged) in log.headers.iter().enumerate() {
+        for (j, p) in jwt.providers.iter().enumerate() {
+            if p.from_headers
+                .iter()
+                .any(|f| canonical(&f.name) == canonical(logged))
+            {
+                return Err(ctx.err(
+                    format!("decision_log.headers[{i}]"),
+                    format!(
+                        "{logged:?} carries tokens (jwt.providers[{j}].from_headers) and is never logged"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl RawServer {
@@ -240,6 +276,36 @@ impl RawServer {
                 self.max_concurrent_streams,
                 "0 would refuse every Check",
             )?,
+            connections: {
+                let d = crate::conn::Settings::default();
+                let duration = |key: &str, v: Option<String>, default| match v {
+                    Some(v) => ctx.duration(key, &v).and_then(|d| {
+                        if d.is_zero() {
+                            Err(ctx.err(key, "expected a duration above 0"))
+                        } else {
+                            Ok(d)
+                        }
+                    }),
+                    None => Ok(default),
+                };
+                crate::conn::Settings {
+                    max_connections: ctx.nonzero(
+                        "server.max_connections",
+                        self.max_connections.unwrap_or(d.max_connections),
+                        "0 would accept no connection",
+                    )?,
+                    header_read_timeout: duration(
+                        "server.header_read_timeout",
+                        self.header_read_timeout,
+                        d.header_read_timeout,
+                    )?,
+                    idle_timeout: duration(
+                        "server.idle_timeout",
+                        self.idle_timeout,
+                        d.idle_timeout,
+                    )?,
+                }
+            },
             http_authz: self.http_authz.validate(ctx)?,
             tls: self.tls.map(|t| t.validate(ctx)).transpose()?,
         })

@@ -13,6 +13,9 @@ use regorus::Value;
 pub const DEFAULT_DENY_STATUS: u16 = 403;
 /// Status used when the policy itself is broken (runtime error, ill-typed decision).
 pub const POLICY_ERROR_STATUS: u16 = 500;
+/// The statuses a denial may carry: never one that Envoy or a client reads as success (2xx) or
+/// as an interim response (1xx).
+pub const DENIAL_STATUSES: std::ops::RangeInclusive<u64> = 300..=599;
 
 /// Why a decision came out the way it did. `category` is a fixed label (metrics, log filters);
 /// `detail` is a human explanation that never contains a token or secret.
@@ -109,6 +112,36 @@ impl Decision {
         }
     }
 
+    /// `headers` with the values of a repeated name folded into one (`a,b`; `a; b` for
+    /// `cookie`), first-seen order kept. Envoy applies ext_authz header options in an order of
+    /// its own: with one overwrite and several appends for a name, the upstream got only the
+    /// last value. One overwriting header per name is applied exactly, and it is what a
+    /// repeated request header means (RFC 9110 5.3).
+    pub fn joined_headers(&self) -> Vec<Header> {
+        let mut out: Vec<Header> = Vec::with_capacity(self.headers.len());
+        for h in &self.headers {
+            match out
+                .iter_mut()
+                .find(|o| o.name.eq_ignore_ascii_case(&h.name))
+            {
+                Some(o) => {
+                    o.value.push_str(if h.name.eq_ignore_ascii_case("cookie") {
+                        "; "
+                    } else {
+                        ","
+                    });
+                    o.value.push_str(&h.value);
+                }
+                None => out.push(Header {
+                    name: h.name.clone(),
+                    value: h.value.clone(),
+                    append: false,
+                }),
+            }
+        }
+        out
+    }
+
     /// A policy evaluation error (500).
     pub fn policy_error(detail: impl Into<String>) -> Decision {
         Decision::deny(POLICY_ERROR_STATUS, Reason::new("policy_error", detail))
@@ -166,6 +199,15 @@ fn from_object(obj: &Value) -> Result<Decision, String> {
     }
     if let Some(v) = field(obj, "request_headers_to_remove") {
         d.request_headers_to_remove = strings("request_headers_to_remove", v)?;
+        if let Some(bad) = d
+            .request_headers_to_remove
+            .iter()
+            .find(|n| !is_header_name(n))
+        {
+            return Err(format!(
+                "request_headers_to_remove: {bad:?} is not a valid header name"
+            ));
+        }
     }
     if let Some(v) = field(obj, "query_parameters_to_remove") {
         d.query_parameters_to_remove = strings("query_parameters_to_remove", v)?;
@@ -183,6 +225,13 @@ fn from_object(obj: &Value) -> Result<Decision, String> {
             .filter(|c| (100..=599).contains(c))
             .ok_or_else(|| "\"http_status\" must be an HTTP status code (100-599)".to_string())?;
         if !allowed {
+            // Envoy's http_service reads 200 as an allow, and clients read 1xx as interim and
+            // 2xx as success: a denial answered with either would not be a denial.
+            if !DENIAL_STATUSES.contains(&code) {
+                return Err(format!(
+                    "a denial's \"http_status\" must be 300-599 (a redirect or an error), got {code}"
+                ));
+            }
             d.status = u16::try_from(code).unwrap_or(DEFAULT_DENY_STATUS);
         }
     }
@@ -219,7 +268,17 @@ fn headers(key: &str, v: &Value) -> Result<Vec<Header>, String> {
         let Value::String(name) = name else {
             return Err(format!("{key}: header names must be strings"));
         };
-        let mut push = |val: &str| {
+        if !is_header_name(name) {
+            return Err(format!(
+                "{key}: {name:?} is not a valid header name (lower-case letters, digits and !#$%&'*+-.^_`|~)"
+            ));
+        }
+        let mut push = |val: &str| -> Result<(), String> {
+            if !is_header_value(val) {
+                return Err(format!(
+                    "{key}: the value of {name:?} holds a control character (CR, LF, NUL, DEL…), which no header may carry"
+                ));
+            }
             let append = out
                 .iter()
                 .any(|h| h.name.eq_ignore_ascii_case(name.as_ref()));
@@ -228,15 +287,16 @@ fn headers(key: &str, v: &Value) -> Result<Vec<Header>, String> {
                 value: val.to_string(),
                 append,
             });
+            Ok(())
         };
         match value {
-            Value::String(s) => push(s),
+            Value::String(s) => push(s)?,
             Value::Array(items) => {
                 for item in items.iter() {
                     let Value::String(s) = item else {
                         return Err(format!("{key}: values of {name:?} must be strings"));
                     };
-                    push(s);
+                    push(s)?;
                 }
             }
             other => {
@@ -272,6 +332,26 @@ fn headers(key: &str, v: &Value) -> Result<Vec<Header>, String> {
         }
     }
     Ok(out)
+}
+
+/// An HTTP field name (RFC 9110 token). Upper case is allowed: Envoy lower-cases names itself.
+pub fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A value every hop accepts as a header value: visible ASCII, space, tab and non-ASCII UTF-8,
+/// but no control character (CR and LF would split the header; NUL and DEL are refused by Envoy
+/// and hyper alike) and no leading or trailing whitespace (trimmed by parsers, so what the
+/// upstream reads would differ from what was decided).
+pub fn is_header_value(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+        && !value.starts_with([' ', '\t'])
+        && !value.ends_with([' ', '\t'])
 }
 
 fn strings(key: &str, v: &Value) -> Result<Vec<String>, String> {

@@ -82,22 +82,18 @@ pub async fn run(
     listener: TcpListener,
     app: Arc<App>,
     tls: Option<Arc<crate::tls::Tls>>,
+    connections: crate::conn::Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let router = router(app);
     match tls {
         Some(tls) => {
-            axum::serve(crate::tls::TlsListener::new(&tls, listener)?, router)
+            axum::serve(crate::tls::listener(&tls, listener, connections)?, router)
                 .with_graceful_shutdown(shutdown)
                 .await
         }
         None => {
-            // HTTP ext_authz answers sit on Envoy's request path: no Nagle delay.
-            use axum::serve::ListenerExt as _;
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            axum::serve(listener, router)
+            axum::serve(crate::conn::Listener::new(listener, connections)?, router)
                 .with_graceful_shutdown(shutdown)
                 .await
         }

@@ -7,7 +7,10 @@
 //!   request when `authorization_response.allowed_upstream_headers` matches them; headers the
 //!   upstream must not see are listed in `x-envoy-auth-headers-to-remove` (configured claim headers
 //!   the token did not fill are always listed, since Envoy may not have sent us the client's copy);
-//! - deny → the decision's status, headers and body, which Envoy relays to the client.
+//! - deny → the decision's status (always 3xx–5xx: Envoy reads a 200 as an allow; a 5xx goes
+//!   out as 403, because Envoy reads a 5xx as the server failing, which `failure_mode_allow`
+//!   would turn into an allow), headers and body, which Envoy relays to the client;
+//! - a decision this transport cannot carry out (a query rewrite) is an `invalid_decision`.
 //!
 //! The peer identity comes from `x-forwarded-client-cert` only when `trusted_xfcc` is set: the
 //! header is only trustworthy when the proxy in front sets it itself (`SANITIZE_SET`, or
@@ -24,6 +27,7 @@ use axum::response::Response;
 use serde::Deserialize;
 
 use crate::app::App;
+use crate::authz::{Context, Transport};
 use crate::config::{self, Ctx};
 use crate::decision::Decision;
 use crate::identity::xfcc;
@@ -99,22 +103,30 @@ pub async fn handle(
     headers: HeaderMap,
 ) -> Response {
     let cfg = &app.config.server.http_authz;
-    let attrs = match attributes(cfg, &method, &uri, &headers) {
-        Ok(a) => a,
-        Err(detail) => return respond(&Decision::bad_request(detail), "", &[]),
+    let (attrs, malformed) = attributes(cfg, &method, &uri, &headers);
+    // Envoy's http_service sends no grpc-timeout; when it says how long it waits, use that.
+    let deadline = headers
+        .get("x-envoy-expected-rq-timeout-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| crate::authz::answer_by(std::time::Duration::from_millis(ms)));
+    let ctx = Context {
+        transport: Transport::Http,
+        deadline,
+        malformed,
     };
-    let checked = app.authz.check(attrs).await;
-    let claim_headers: Vec<&str> = app.authz.jwt.claim_header_names().collect();
-    respond(&checked.decision, &checked.decision_id, &claim_headers)
+    let checked = app.authz.check_with(attrs, ctx).await;
+    respond(&checked.decision, &checked.decision_id)
 }
 
-/// The request Envoy asked about, as our attributes.
+/// The request Envoy asked about, as our attributes, and why it cannot be read if it cannot
+/// (the pipeline denies it, so it is logged and counted like every other denial).
 fn attributes(
     cfg: &Config,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
-) -> Result<Attributes, String> {
+) -> (Attributes, Option<String>) {
     let full = uri.path_and_query().map_or("/", |p| p.as_str());
     let path = full.strip_prefix(cfg.path_prefix.as_str()).unwrap_or(full);
     let path = if path.is_empty() || path.starts_with('?') {
@@ -128,18 +140,19 @@ fn attributes(
         // hyper's names are lower case already.
         crate::request::join_header(&mut map, name.as_str().to_string(), value);
     }
-    let principal = if cfg.trusted_xfcc {
-        match map.get("x-forwarded-client-cert") {
-            Some(h) => xfcc::client_uri(h)
-                .map_err(|e| e.to_string())?
-                .unwrap_or_default(),
-            None => String::new(),
-        }
-    } else {
-        String::new()
+    let mut malformed = None;
+    let principal = match map.get("x-forwarded-client-cert") {
+        Some(h) if cfg.trusted_xfcc => match xfcc::client_uri(h) {
+            Ok(uri) => uri.unwrap_or_default(),
+            Err(e) => {
+                malformed = Some(e.to_string());
+                String::new()
+            }
+        },
+        _ => String::new(),
     };
     let host = map.get("host").cloned().unwrap_or_default();
-    Ok(Attributes {
+    let attrs = Attributes {
         source: Some(Peer {
             principal,
             ..Peer::default()
@@ -155,12 +168,19 @@ fn attributes(
             }),
         }),
         ..Attributes::default()
-    })
+    };
+    (attrs, malformed)
 }
 
-fn respond(d: &Decision, decision_id: &str, claim_headers: &[&str]) -> Response {
+fn respond(d: &Decision, decision_id: &str) -> Response {
     let status = if d.allowed {
         StatusCode::OK
+    } else if d.status >= 500 {
+        // Envoy's http_service reads a 5xx from the authorization server as the server failing,
+        // which `failure_mode_allow: true` turns into an allow. A denial must stay a denial:
+        // 5xx denials (policy_error, invalid_decision…) go out as 403; the decision log keeps
+        // the real status and reason.
+        StatusCode::FORBIDDEN
     } else {
         StatusCode::from_u16(d.status).unwrap_or(StatusCode::FORBIDDEN)
     };
@@ -179,27 +199,16 @@ fn respond(d: &Decision, decision_id: &str, claim_headers: &[&str]) -> Response 
             out.append(n, v);
         }
     };
-    for h in &d.headers {
+    for h in &d.joined_headers() {
         add(&h.name, &h.value);
     }
     if d.allowed {
         for h in &d.response_headers_to_add {
             add(&h.name, &h.value);
         }
-        let mut remove: Vec<&str> = d
-            .request_headers_to_remove
-            .iter()
-            .map(String::as_str)
-            .collect();
-        for name in claim_headers {
-            if !d.headers.iter().any(|h| h.name.eq_ignore_ascii_case(name))
-                && !remove.contains(name)
-            {
-                remove.push(name);
-            }
-        }
-        if !remove.is_empty() {
-            add(HEADERS_TO_REMOVE, &remove.join(","));
+        // The pipeline has already listed every identity header it did not set.
+        if !d.request_headers_to_remove.is_empty() {
+            add(HEADERS_TO_REMOVE, &d.request_headers_to_remove.join(","));
         }
     }
     if !decision_id.is_empty() {

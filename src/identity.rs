@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+pub mod cert;
 pub mod xfcc;
 
 /// The longest SPIFFE ID the specification allows.

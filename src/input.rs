@@ -281,15 +281,34 @@ pub fn document(attrs: &Attributes, extras: Extras<'_>) -> Value {
     doc
 }
 
-/// `parsed_body` as OPA-Envoy derives it: JSON bodies only, and only when complete.
-/// Returns `(parsed_body, truncated)`; a body that is not valid JSON is `None`.
-pub fn parsed_body(h: &HttpRequest) -> (Option<Value>, bool) {
+/// `input.parsed_body` and `input.truncated_body`.
+#[derive(Debug, Default)]
+pub struct Body {
+    pub parsed: Option<Value>,
+    pub truncated: bool,
+}
+
+/// `parsed_body` as OPA-Envoy derives it: JSON bodies only, and only when complete. A body that
+/// Envoy cut (`x-envoy-auth-partial-body: true`, or shorter than its `content-length`), or that
+/// is larger or deeper than the limits, is not parsed and reported as truncated, so a policy
+/// that needs its fields fails closed. A body that is not valid JSON is `null`.
+pub fn parsed_body(h: &HttpRequest, limits: &crate::limits::Limits) -> Body {
     let is_json = h
         .headers
         .get("content-type")
-        .is_some_and(|ct| ct.contains("application/json"));
+        .is_some_and(|ct| is_json_media_type(ct));
     if !is_json || h.body.is_empty() {
-        return (None, false);
+        return Body::default();
+    }
+    let truncated = Body {
+        parsed: None,
+        truncated: true,
+    };
+    if h.headers
+        .get("x-envoy-auth-partial-body")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    {
+        return truncated;
     }
     if let Some(len) = h
         .headers
@@ -297,7 +316,139 @@ pub fn parsed_body(h: &HttpRequest) -> (Option<Value>, bool) {
         .and_then(|v| v.parse::<usize>().ok())
         && len > h.body.len()
     {
-        return (None, true);
+        return truncated;
     }
-    (Value::from_json_str(&h.body).ok(), false)
+    if h.body.len() > limits.max_body_bytes
+        || crate::jwt::bracket_depth(h.body.as_bytes()) > limits.max_body_depth
+    {
+        return truncated;
+    }
+    Body {
+        parsed: Value::from_json_str(&h.body).ok(),
+        truncated: false,
+    }
+}
+
+/// `application/json` or `application/<x>+json`, in any case, with any parameters.
+fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.ends_with("+json"))
+}
+
+#[cfg(test)]
+#[allow(clippy::type_complexity)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)], body: &str) -> HttpRequest {
+        HttpRequest {
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+            body: body.to_string(),
+            ..HttpRequest::default()
+        }
+    }
+
+    #[test]
+    fn parsed_body_table() {
+        let limits = crate::limits::Limits {
+            max_body_bytes: 64,
+            max_body_depth: 3,
+            ..Default::default()
+        };
+        let deep = format!("{}1{}", "[".repeat(4), "]".repeat(4));
+        let big = format!("{{\"a\": \"{}\"}}", "x".repeat(80));
+        // (headers, body, parsed?, truncated)
+        let cases: &[(&[(&str, &str)], &str, bool, bool)] = &[
+            (
+                &[("content-type", "application/json")],
+                r#"{"a":1}"#,
+                true,
+                false,
+            ),
+            (
+                &[("content-type", "Application/JSON; charset=utf-8")],
+                r#"{"a":1}"#,
+                true,
+                false,
+            ),
+            (
+                &[("content-type", "application/problem+json")],
+                r#"{"a":1}"#,
+                true,
+                false,
+            ),
+            (
+                &[("content-type", "text/plain")],
+                r#"{"a":1}"#,
+                false,
+                false,
+            ),
+            (
+                &[("content-type", "application/jsonx")],
+                r#"{"a":1}"#,
+                false,
+                false,
+            ),
+            (
+                &[("content-type", "application/json")],
+                "not json",
+                false,
+                false,
+            ),
+            (
+                &[
+                    ("content-type", "application/json"),
+                    ("x-envoy-auth-partial-body", "true"),
+                ],
+                r#"{"a":1}"#,
+                false,
+                true,
+            ),
+            (
+                &[
+                    ("content-type", "application/json"),
+                    ("x-envoy-auth-partial-body", "false"),
+                ],
+                r#"{"a":1}"#,
+                true,
+                false,
+            ),
+            (
+                &[
+                    ("content-type", "application/json"),
+                    ("content-length", "99"),
+                ],
+                r#"{"a":1}"#,
+                false,
+                true,
+            ),
+            (&[("content-type", "application/json")], &big, false, true),
+            (&[("content-type", "application/json")], &deep, false, true),
+            (
+                &[("content-type", "application/json")],
+                "[[1]]",
+                true,
+                false,
+            ),
+        ];
+        for (headers, body, parsed, truncated) in cases {
+            let got = parsed_body(&req(headers, body), &limits);
+            assert_eq!(
+                (got.parsed.is_some(), got.truncated),
+                (*parsed, *truncated),
+                "{headers:?} {body}"
+            );
+        }
+    }
 }

@@ -367,7 +367,7 @@ impl RawJwks {
                 if !(uri.starts_with("https://") || uri.starts_with("http://")) {
                     return Err(ctx.err(
                         format!("{key}.uri"),
-                        format!("expected an http(s) URL, got {uri:?}"),
+                        format!("expected an http(s) URL, got {:?}", jwks::redact_url(&uri)),
                     ));
                 }
                 JwksSource::Uri(uri)
@@ -521,6 +521,8 @@ pub struct Verifier {
     revocations: Option<Arc<Revocations>>,
     max_claims_depth: usize,
     metrics: Arc<Metrics>,
+    /// See [`Verifier::claim_header_names`].
+    claim_headers: Vec<(String, Option<String>)>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -582,7 +584,15 @@ impl Verifier {
             .revocation_file
             .as_ref()
             .map(|f| Arc::new(Revocations::new(f.clone())));
+        let mut claim_headers: Vec<(String, Option<String>)> = Vec::new();
+        for c in config.providers.iter().flat_map(|p| &p.claims_to_headers) {
+            if !claim_headers.iter().any(|(n, _)| *n == c.header) {
+                let underscored = c.header.contains('-').then(|| c.header.replace('-', "_"));
+                claim_headers.push((c.header.clone(), underscored));
+            }
+        }
         Ok(Verifier {
+            claim_headers,
             providers,
             sources,
             cache: moka::sync::Cache::builder()
@@ -639,11 +649,10 @@ impl Verifier {
         out
     }
 
-    /// The header names every provider may inject from claims (to strip forged copies).
-    pub fn claim_header_names(&self) -> impl Iterator<Item = &str> {
-        self.providers
-            .iter()
-            .flat_map(|p| p.config.claims_to_headers.iter().map(|c| c.header.as_str()))
+    /// Every header a provider may inject from claims, once each, with its underscore
+    /// spelling (`x_jwt_sub`) when it has one: made once here, not per Check.
+    pub fn claim_header_names(&self) -> &[(String, Option<String>)] {
+        &self.claim_headers
     }
 
     pub fn provider_forwards_token(&self, provider: usize) -> bool {
@@ -693,15 +702,18 @@ impl Verifier {
 
     /// Verifies a token, from the cache when it was verified before.
     pub async fn verify(&self, token: &str) -> Result<Arc<Verified>, Failure> {
-        self.verify_digested(token, &TokenDigest::of(token)).await
+        self.verify_digested(token, &TokenDigest::of(token), None)
+            .await
     }
 
     /// [`Verifier::verify`] with the token's digest already computed (the pipeline also logs
-    /// its fingerprint, so it hashes the token once).
+    /// its fingerprint, so it hashes the token once). A wait for keys ends by `deadline` (the
+    /// Check's own, less a margin), so the answer reaches Envoy before Envoy gives up.
     pub async fn verify_digested(
         &self,
         token: &str,
         digest: &TokenDigest,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<Arc<Verified>, Failure> {
         if let Some(v) = self.cache.get(digest) {
             if let Some(exp) = v.expires_at {
@@ -717,7 +729,7 @@ impl Verifier {
             self.check_revoked(&v)?;
             return Ok(v);
         }
-        let result = self.verify_uncached(token).await;
+        let result = self.verify_at(token, deadline).await;
         match &result {
             Ok(v) => {
                 self.metrics.jwt_validation(&v.provider_name, "ok");
@@ -773,6 +785,14 @@ impl Verifier {
 
     /// Verifies without the verified-token cache (benchmarks measure the cold path with it).
     pub async fn verify_uncached(&self, token: &str) -> Result<Arc<Verified>, Failure> {
+        self.verify_at(token, None).await
+    }
+
+    async fn verify_at(
+        &self,
+        token: &str,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Arc<Verified>, Failure> {
         if token.split('.').count() != 3 {
             return Err(Failure::Malformed(
                 "expected three dot-separated parts".into(),
@@ -790,6 +810,13 @@ impl Verifier {
             .map_err(|_| Failure::DisallowedAlgorithm(alg_name.chars().take(16).collect()))?;
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| Failure::Malformed(format!("header: {e}")))?;
+        if raw_header.get("crit").is_some() {
+            // RFC 7515 4.1.11: a critical extension the recipient does not understand makes
+            // the token invalid, and meshauthz understands none.
+            return Err(Failure::Malformed(
+                "header has a crit parameter (no extension is supported)".into(),
+            ));
+        }
 
         let index = self.provider_for_claims(&unverified)?;
         let provider = self.providers.get(index).ok_or(Failure::UnknownIssuer)?;
@@ -797,15 +824,17 @@ impl Verifier {
         if !cfg.algorithms.contains(&alg) {
             return Err(Failure::DisallowedAlgorithm(alg_name.to_string()));
         }
+        check_claim_types(&unverified, !cfg.audiences.is_empty())?;
 
         let mut validation = Validation::new(alg);
         validation.leeway = cfg.clock_skew.as_secs();
         validation.set_issuer(&[cfg.issuer.as_str()]);
-        validation.set_required_spec_claims(&["exp", "iss"]);
         validation.validate_nbf = true;
         if cfg.audiences.is_empty() {
+            validation.set_required_spec_claims(&["exp", "iss"]);
             validation.validate_aud = false;
         } else {
+            validation.set_required_spec_claims(&["exp", "iss", "aud"]);
             validation.set_audience(&cfg.audiences);
         }
 
@@ -820,7 +849,7 @@ impl Verifier {
                 .jwks
                 .as_ref()
                 .ok_or_else(|| Failure::DisallowedAlgorithm(alg_name.to_string()))?;
-            let keys = jwks.keys_for(header.kid.as_deref(), alg).await?;
+            let keys = jwks.keys_for(header.kid.as_deref(), alg, deadline).await?;
             let mut last = Failure::UnknownKey;
             let mut verified = None;
             for key in keys.iter() {
@@ -835,6 +864,7 @@ impl Verifier {
             }
             verified.ok_or(last)?
         };
+        check_times(&claims, cfg.clock_skew)?;
 
         let jti = claims
             .get("jti")
@@ -844,11 +874,18 @@ impl Verifier {
             .get("sub")
             .and_then(|v| v.as_str())
             .map(str::to_owned);
-        let expires_at = claims.get("exp").and_then(serde_json::Value::as_u64);
+        // `exp` may be fractional (a NumericDate); the entry must still die at it.
+        let expires_at = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_f64)
+            .map(|e| if e <= 0.0 { 0 } else { e.floor() as u64 });
+        // A claim no header can carry (CR, LF, NUL, DEL…) sets no header: the pipeline then
+        // removes any client copy, exactly as for a token without that claim.
         let claim_headers = cfg
             .claims_to_headers
             .iter()
             .filter_map(|c| claim_value(&claims, &c.claim).map(|v| (c.header.clone(), v)))
+            .filter(|(_, v)| crate::decision::is_header_value(v))
             .collect();
         let mut document = Value::new_object();
         if let Ok(m) = document.as_object_mut() {
@@ -868,6 +905,57 @@ impl Verifier {
         self.check_revoked(&verified)?;
         Ok(Arc::new(verified))
     }
+}
+
+/// Registered claims must have their registered types (RFC 7519 4.1): a parser that skips a
+/// claim of the wrong type would skip its check too (an object `aud` once passed the audience
+/// check). With audiences configured, `aud` is required.
+fn check_claim_types(claims: &serde_json::Value, audience_required: bool) -> Result<(), Failure> {
+    use serde_json::Value as J;
+    let bad = |what: &str| Err(Failure::Malformed(format!("claim {what}")));
+    match claims.get("iss") {
+        None | Some(J::String(_)) => {}
+        Some(_) => return bad("iss must be a string"),
+    }
+    for name in ["exp", "nbf", "iat"] {
+        match claims.get(name) {
+            None | Some(J::Number(_)) => {}
+            Some(_) => return bad(&format!("{name} must be a number")),
+        }
+    }
+    match claims.get("aud") {
+        Some(J::String(_)) => {}
+        Some(J::Array(items)) if !items.is_empty() && items.iter().all(J::is_string) => {}
+        None if !audience_required => {}
+        None => return Err(Failure::WrongAudience),
+        Some(_) => return bad("aud must be a string or a non-empty array of strings"),
+    }
+    match claims.get("jti") {
+        // Revocation compares strings: a numeric jti would never match the list.
+        None | Some(J::String(_)) => {}
+        Some(_) => return bad("jti must be a string"),
+    }
+    Ok(())
+}
+
+/// `exp` and `nbf` as NumericDates, fractions included: jsonwebtoken reads them as integers
+/// and skips a fractional one, which left such tokens valid past their `exp`.
+fn check_times(claims: &serde_json::Value, skew: Duration) -> Result<(), Failure> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let skew = skew.as_secs_f64();
+    if let Some(exp) = claims.get("exp").and_then(serde_json::Value::as_f64)
+        && exp + skew <= now
+    {
+        return Err(Failure::Expired);
+    }
+    if let Some(nbf) = claims.get("nbf").and_then(serde_json::Value::as_f64)
+        && nbf - skew > now
+    {
+        return Err(Failure::NotYetValid);
+    }
+    Ok(())
 }
 
 fn strip_prefix_ci<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {

@@ -22,6 +22,7 @@
 pub mod app;
 pub mod authz;
 pub mod config;
+pub mod conn;
 pub mod decision;
 pub mod decision_log;
 pub mod http;

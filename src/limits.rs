@@ -22,7 +22,31 @@ pub struct Limits {
     pub max_claims_depth: usize,
     /// What to do with paths the policy and the upstream could read differently.
     pub ambiguous_paths: crate::path::Mode,
+    /// Largest request body a Check may carry (413 above it), and so the largest parsed into
+    /// `input.parsed_body`: parsing costs ~30 times the body's size in policy values.
+    pub max_body_bytes: usize,
+    /// Deepest array/object nesting parsed into `input.parsed_body`; a deeper body is left
+    /// unparsed and reported as `truncated_body: true`.
+    pub max_body_depth: usize,
 }
+
+impl Limits {
+    /// The gRPC decode limit: well above every configured limit together, so a Check over a
+    /// limit is decoded and answered with a denial rather than refused with a gRPC error
+    /// (which `failure_mode_allow: true` would turn into an allow). Only a message beyond this
+    /// ceiling is refused by the transport.
+    pub fn grpc_decode_limit(&self) -> usize {
+        let configured = self
+            .max_header_bytes
+            .saturating_add(self.max_path_bytes)
+            .saturating_add(self.max_body_bytes.saturating_mul(3))
+            .saturating_add(self.max_token_bytes);
+        configured.saturating_mul(2).max(GRPC_DECODE_FLOOR)
+    }
+}
+
+/// The smallest gRPC decode limit: four times tonic's default of 4 MiB.
+pub const GRPC_DECODE_FLOOR: usize = 16 * 1024 * 1024;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -34,6 +58,8 @@ impl Default for Limits {
             // Real claims nest 3–4 levels (resource_access.<client>.roles[]).
             max_claims_depth: 16,
             ambiguous_paths: crate::path::Mode::Reject,
+            max_body_bytes: 64 * 1024,
+            max_body_depth: 32,
         }
     }
 }
@@ -47,6 +73,8 @@ pub struct RawLimits {
     max_path_bytes: Option<usize>,
     max_claims_depth: Option<usize>,
     ambiguous_paths: Option<crate::path::Mode>,
+    max_body_bytes: Option<usize>,
+    max_body_depth: Option<usize>,
 }
 
 impl RawLimits {
@@ -72,6 +100,8 @@ impl RawLimits {
                 d.max_claims_depth,
             )?,
             ambiguous_paths: self.ambiguous_paths.unwrap_or_default(),
+            max_body_bytes: positive("max_body_bytes", self.max_body_bytes, d.max_body_bytes)?,
+            max_body_depth: positive("max_body_depth", self.max_body_depth, d.max_body_depth)?,
         })
     }
 }

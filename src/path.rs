@@ -152,20 +152,36 @@ fn strict_segments(path: &str) -> Result<Vec<String>, Error> {
     Ok(out)
 }
 
-/// Normalize mode: unescape `%2F`/`%5C`, treat `\` as `/`, merge slashes, resolve dot segments.
+/// Normalize mode, in Envoy's order: unescape `%2F`/`%5C` and treat `\\` as `/`
+/// (`path_with_escaped_slashes_action: UNESCAPE_AND_FORWARD`), then resolve dot segments
+/// (`normalize_path`, RFC 3986 5.2.4: a `..` removes the segment before it, empty ones
+/// included), then merge slashes (`merge_slashes`). `/a//../b` is `/a/b`, as Envoy forwards
+/// it; merging first would give `/b`.
 fn normalized_segments(path: &str) -> Vec<String> {
     let decoded = decode(path).replace('\\', "/");
-    let trailing = decoded.ends_with('/') && decoded.len() > 1;
-    let mut out: Vec<String> = Vec::new();
-    for seg in decoded.split('/') {
-        match seg {
-            "" | "." => {}
+    let rest = decoded.strip_prefix('/').unwrap_or(&decoded);
+    let raw: Vec<&str> = rest.split('/').collect();
+    let last = raw.len().saturating_sub(1);
+    let mut resolved: Vec<&str> = Vec::with_capacity(raw.len());
+    for (i, seg) in raw.iter().enumerate() {
+        match *seg {
+            "." => {}
             ".." => {
-                out.pop();
+                resolved.pop();
             }
-            s => out.push(s.to_string()),
+            s => resolved.push(s),
+        }
+        // A final `.` or `..` leaves the path ending in `/`.
+        if i == last && matches!(*seg, "." | "..") {
+            resolved.push("");
         }
     }
+    let trailing = resolved.last().is_some_and(|s| s.is_empty());
+    let mut out: Vec<String> = resolved
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
     if trailing || out.is_empty() {
         out.push(String::new());
     }
@@ -214,7 +230,11 @@ mod tests {
             ("/api/%2E/x", Error::DotSegment, &["api", "x"]),
             ("/..", Error::DotSegment, &[""]),
             ("/../../etc/passwd", Error::DotSegment, &["etc", "passwd"]),
-            ("/api/orders/..", Error::DotSegment, &["api"]),
+            ("/api/orders/..", Error::DotSegment, &["api", ""]),
+            ("/api/orders/.", Error::DotSegment, &["api", "orders", ""]),
+            // Envoy resolves dot segments before it merges slashes.
+            ("/api//../orders", Error::RepeatedSlash, &["api", "orders"]),
+            ("/a/b//..//c", Error::RepeatedSlash, &["a", "b", "c"]),
             ("/api%2Fadmin", Error::EncodedSlash, &["api", "admin"]),
             ("/api%2fadmin", Error::EncodedSlash, &["api", "admin"]),
             ("/api%5Cadmin", Error::Backslash, &["api", "admin"]),

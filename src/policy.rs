@@ -197,6 +197,48 @@ pub enum EvalError {
     Runtime(String),
 }
 
+/// Conservative: true when the text names `parsed_body`, or uses `input` as a whole value
+/// (`x := input`, `input[k]`, `walk(input, …)`), through which the body could be reached.
+/// Only `input.<field>` paths and `with input as` are known not to reach it.
+fn may_read_parsed_body(text: &str) -> bool {
+    if text.contains("parsed_body") {
+        return true;
+    }
+    let bytes = text.as_bytes();
+    let is_ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut from = 0;
+    while let Some(i) = text.get(from..).and_then(|t| t.find("input")) {
+        let at = from + i;
+        from = at + "input".len();
+        let before = at.checked_sub(1).and_then(|j| bytes.get(j)).copied();
+        let after = bytes.get(from).copied();
+        if before.is_some_and(is_ident) || after.is_some_and(is_ident) {
+            continue; // part of another name
+        }
+        let line_start = text
+            .get(..at)
+            .and_then(|t| t.rfind('\n'))
+            .map_or(0, |j| j + 1);
+        if text.get(line_start..at).is_some_and(|l| l.contains('#')) {
+            continue; // in a comment
+        }
+        if after == Some(b'.') {
+            continue; // a path into input, not the whole document
+        }
+        if text
+            .get(..at)
+            .is_some_and(|t| t.trim_end().ends_with("with"))
+            && text
+                .get(from..)
+                .is_some_and(|t| t.trim_start().starts_with("as"))
+        {
+            continue;
+        }
+        return true;
+    }
+    false
+}
+
 /// Unique per compiled snapshot, so per-thread engines know when they are stale.
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
@@ -211,6 +253,7 @@ pub struct Policy {
     revision: String,
     generation: u64,
     modules: Vec<PathBuf>,
+    reads_parsed_body: bool,
 }
 
 impl std::fmt::Debug for Policy {
@@ -265,6 +308,10 @@ impl Policy {
             decision: cfg.decision.clone(),
             revision: sources.revision,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+            reads_parsed_body: sources
+                .modules
+                .iter()
+                .any(|m| may_read_parsed_body(&m.text)),
             modules: sources.modules.into_iter().map(|m| m.path).collect(),
         })
     }
@@ -276,6 +323,12 @@ impl Policy {
 
     pub fn modules(&self) -> &[PathBuf] {
         &self.modules
+    }
+
+    /// Whether any module may read `input.parsed_body`. A JSON body costs ~30 times its size
+    /// once parsed into policy values, so it is parsed only for policies that may look at it.
+    pub fn reads_parsed_body(&self) -> bool {
+        self.reads_parsed_body
     }
 
     pub fn decision_rule(&self) -> &str {

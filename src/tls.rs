@@ -6,6 +6,7 @@
 //! symlinks, so a Kubernetes secret's `..data` swap counts); a rotation that does not load keeps
 //! the previous certificate serving and is logged.
 
+use crate::conn::Conn;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -210,44 +211,36 @@ impl Tls {
         }
     }
 
-    /// Accepts TCP connections and hands out completed TLS handshakes. Handshakes run
-    /// concurrently, so a slow client never holds up the others.
+    /// Hands out completed TLS handshakes over [`crate::conn::accept`]ed connections.
+    /// Handshakes run concurrently, so a slow client never holds up the others.
     pub fn incoming(
         self: &Arc<Self>,
-        listener: TcpListener,
-    ) -> mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)> {
+        mut accepted: mpsc::Receiver<(Conn<TcpStream>, SocketAddr)>,
+    ) -> mpsc::Receiver<(TlsStream<Conn<TcpStream>>, SocketAddr)> {
         let (tx, rx) = mpsc::channel(256);
         let this = self.clone();
         tokio::spawn(async move {
             loop {
-                let accepted = tokio::select! {
-                    a = listener.accept() => a,
+                let (tcp, addr) = tokio::select! {
+                    a = accepted.recv() => match a {
+                        Some(a) => a,
+                        None => return,
+                    },
                     () = tx.closed() => return,
                 };
-                match accepted {
-                    Ok((tcp, addr)) => {
-                        let _ = tcp.set_nodelay(true);
-                        let acceptor = TlsAcceptor::from(this.current.load_full());
-                        let tx = tx.clone();
-                        tokio::spawn(async move {
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                                .await
-                            {
-                                Ok(Ok(stream)) => {
-                                    let _ = tx.send((stream, addr)).await;
-                                }
-                                Ok(Err(e)) => {
-                                    tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
-                                }
-                                Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
-                            }
-                        });
+                let acceptor = TlsAcceptor::from(this.current.load_full());
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send((stream, addr)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
+                });
             }
         });
         rx
@@ -271,33 +264,17 @@ fn stamp(cfg: &Config) -> Stamp {
 }
 
 /// An axum listener over TLS connections produced by [`Tls::incoming`].
-pub struct TlsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
+pub type TlsListener = crate::conn::Listener<TlsStream<Conn<TcpStream>>>;
 
-impl TlsListener {
-    pub fn new(tls: &Arc<Tls>, listener: TcpListener) -> std::io::Result<TlsListener> {
-        let local = listener.local_addr()?;
-        Ok(TlsListener {
-            rx: tls.incoming(listener),
-            local,
-        })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(conn) => conn,
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
+/// The TLS listener for `listener`.
+pub fn listener(
+    tls: &Arc<Tls>,
+    listener: TcpListener,
+    settings: crate::conn::Settings,
+) -> std::io::Result<TlsListener> {
+    let local = listener.local_addr()?;
+    Ok(crate::conn::Listener::from_channel(
+        tls.incoming(crate::conn::accept(listener, settings)),
+        local,
+    ))
 }

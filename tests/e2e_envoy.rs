@@ -265,7 +265,7 @@ async fn a_policy_edit_takes_effect_through_envoy() {
     let data_file = mesh.policies.join("rbac/data.json");
     let mut data: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&data_file).unwrap()).unwrap();
-    data["bindings"]["shop/payments"] = serde_json::json!(["catalog-reader"]);
+    data["bindings"]["cluster.local/ns/shop/sa/payments"] = serde_json::json!(["catalog-reader"]);
     std::fs::write(&data_file, serde_json::to_string_pretty(&data).unwrap()).unwrap();
     let mut status = 0;
     for _ in 0..100 {

@@ -30,15 +30,15 @@ fn captured_envoy_requests_match_golden_inputs() {
         let peer = attrs
             .source_principal()
             .and_then(|p| SpiffeId::parse(p).ok());
-        let (parsed_body, truncated_body) = input::parsed_body(http);
+        let body = input::parsed_body(http, &meshauthz::limits::Limits::default());
         let doc = input::document(
             &attrs,
             Extras {
                 target: Some(&target),
                 peer: peer.as_ref(),
                 jwt: None,
-                parsed_body,
-                truncated_body,
+                parsed_body: body.parsed,
+                truncated_body: body.truncated,
             },
         );
         let got: serde_json::Value = serde_json::from_str(&doc.to_json_str().unwrap()).unwrap();

@@ -746,3 +746,114 @@ async fn an_oversized_jwks_is_refused() {
     assert!(ready.contains("larger than 1048576 bytes"), "{ready}");
     server.stop().await;
 }
+
+/// Registered claims of the wrong type, a missing audience and critical header extensions are
+/// refusals: a validator that skips a claim of the wrong type skips its check too.
+#[tokio::test]
+async fn registered_claims_must_have_their_types_and_crit_is_refused() {
+    let k = Keys::generate(Algorithm::ES256, "k");
+    let jwks = JwksServer::start(&[&k]).await;
+    let (server, _dir) = token_server(&provider(&jwks.uri(), "")).await;
+    let with = |key: &str, value: serde_json::Value| {
+        let mut c = claims("alice", "");
+        match value {
+            serde_json::Value::Null if key.starts_with('-') => {
+                c.as_object_mut().unwrap().remove(&key[1..]);
+            }
+            v => c[key] = v,
+        }
+        c
+    };
+    // (note, claims, reason)
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "aud absent",
+            with("-aud", json!(null)),
+            "jwt_wrong_audience",
+        ),
+        ("aud null", with("aud", json!(null)), "jwt_malformed"),
+        ("aud a number", with("aud", json!(7)), "jwt_malformed"),
+        (
+            "aud an object",
+            with("aud", json!({"shop-api": true})),
+            "jwt_malformed",
+        ),
+        (
+            "aud an empty array",
+            with("aud", json!([])),
+            "jwt_malformed",
+        ),
+        (
+            "aud an array with a number",
+            with("aud", json!([AUDIENCE, 1])),
+            "jwt_malformed",
+        ),
+        (
+            "aud another audience",
+            with("aud", json!("billing")),
+            "jwt_wrong_audience",
+        ),
+        ("iss a number", with("iss", json!(1)), "jwt_malformed"),
+        (
+            "iss an array",
+            with("iss", json!([ISSUER])),
+            "jwt_malformed",
+        ),
+        (
+            "exp a string",
+            with("exp", json!((now() + 600).to_string())),
+            "jwt_malformed",
+        ),
+        ("nbf a string", with("nbf", json!("0")), "jwt_malformed"),
+        ("iat an object", with("iat", json!({})), "jwt_malformed"),
+        ("jti a number", with("jti", json!(123)), "jwt_malformed"),
+    ];
+    for (note, c, reason) in &cases {
+        let got = server.check(with_token(&k.sign(c))).await;
+        assert_eq!(
+            (got.allowed, got.status, got.reason.as_str()),
+            (false, 401, *reason),
+            "{note}"
+        );
+    }
+    for crit in [json!(["exp"]), json!([]), json!(["b64"])] {
+        let token = k.sign_with_header(&json!({"crit": crit, "exp": 1}), &claims("alice", ""));
+        let got = server.check(with_token(&token)).await;
+        assert_eq!(
+            (got.status, got.reason.as_str()),
+            (401, "jwt_malformed"),
+            "crit {crit}"
+        );
+    }
+    // The correct types still pass: aud as an array holding the audience.
+    let ok = with("aud", json!(["other", AUDIENCE]));
+    assert!(server.check(with_token(&k.sign(&ok))).await.allowed);
+    let ok = k.sign_with_header(&json!({}), &claims("alice", ""));
+    assert!(server.check(with_token(&ok)).await.allowed);
+    server.stop().await;
+}
+
+/// A fractional `exp` ends the token at that instant, from the cache too.
+#[tokio::test]
+async fn a_fractional_exp_expires_the_cached_token_on_time() {
+    let k = Keys::generate(Algorithm::ES256, "k");
+    let jwks = JwksServer::start(&[&k]).await;
+    let yaml = provider(&jwks.uri(), "").replace(
+        "      claims_to_headers",
+        "      clock_skew: 0s\n      claims_to_headers",
+    );
+    let (server, _dir) = token_server(&yaml).await;
+    let mut c = claims("alice", "");
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        + 2.5;
+    c["exp"] = json!(exp);
+    let token = k.sign(&c);
+    assert!(server.check(with_token(&token)).await.allowed, "valid now");
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let got = server.check(with_token(&token)).await;
+    assert_eq!((got.status, got.reason.as_str()), (401, "jwt_expired"));
+    server.stop().await;
+}

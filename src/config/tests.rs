@@ -118,6 +118,26 @@ fn bad_configs_name_file_key_and_expectation() {
             "limits.max_headers",
             "positive",
         ),
+        (
+            "policy:\n  paths: [p]\nlimits:\n  max_body_bytes: 0\n",
+            "limits.max_body_bytes",
+            "positive",
+        ),
+        (
+            "policy:\n  paths: [p]\ndecision_log:\n  headers: [x-request-id, Cookie]\n",
+            "decision_log.headers[1]",
+            "never logged",
+        ),
+        (
+            "policy:\n  paths: [p]\ndecision_log:\n  headers: [x-request-id, X_Token]\njwt:\n  providers:\n    - name: a\n      issuer: https://a\n      jwks: { uri: \"https://a/jwks\" }\n      from_headers: [{ name: x-token }]\n",
+            "decision_log.headers[1]",
+            "carries tokens (jwt.providers[0].from_headers)",
+        ),
+        (
+            "policy:\n  paths: [p]\ndecision_log:\n  headers: [authorization]\njwt:\n  providers:\n    - name: a\n      issuer: https://a\n      jwks: { uri: \"https://a/jwks\" }\n",
+            "decision_log.headers[0]",
+            "never logged",
+        ),
     ];
     for (yaml, key, expected) in cases {
         let err = Config::from_yaml(yaml, Path::new("conf/meshauthz.yaml")).unwrap_err();

@@ -37,6 +37,98 @@ fn decision_values_table() {
             "invalid_decision",
         ),
         (r#"{"allowed": "true"}"#, false, 500, "invalid_decision"),
+        // A denial never carries a status read as success or as interim.
+        (
+            r#"{"allowed": false, "http_status": 200}"#,
+            false,
+            500,
+            "invalid_decision",
+        ),
+        (
+            r#"{"allowed": false, "http_status": 204}"#,
+            false,
+            500,
+            "invalid_decision",
+        ),
+        (
+            r#"{"allowed": false, "http_status": 100}"#,
+            false,
+            500,
+            "invalid_decision",
+        ),
+        (
+            r#"{"allowed": false, "http_status": 101}"#,
+            false,
+            500,
+            "invalid_decision",
+        ),
+        (
+            r#"{"allowed": false, "http_status": 299}"#,
+            false,
+            500,
+            "invalid_decision",
+        ),
+        (
+            r#"{"allowed": false, "http_status": 302}"#,
+            false,
+            302,
+            "policy_denied",
+        ),
+        (
+            r#"{"allowed": false, "http_status": 599}"#,
+            false,
+            599,
+            "policy_denied",
+        ),
+        // Header values no hop could carry are the policy's bug, not a silent drop.
+        (
+            r#"{"allowed": true, "headers": {"x-a": "a\r\nx-b: c"}}"#,
+            false,
+            500,
+            "invalid_decision",
+        ),
+        (
+            r#"{"allowed": true, "headers": {"x-a": "a\u0000"}}"#,
+            false,
+            500,
+            "invalid_decision",
+        ),
+        (
+            r#"{"allowed": true, "headers": {"x-a": "\u007f"}}"#,
+            false,
+            500,
+            "invalid_decision",
+        ),
+        (
+            r#"{"allowed": true, "headers": {"x-a": ["ok", "b\n"]}}"#,
+            false,
+            500,
+            "invalid_decision",
+        ),
+        (
+            r#"{"allowed": true, "headers": {"x a": "v"}}"#,
+            false,
+            500,
+            "invalid_decision",
+        ),
+        (
+            r#"{"allowed": true, "headers": {"": "v"}}"#,
+            false,
+            500,
+            "invalid_decision",
+        ),
+        (
+            r#"{"allowed": true, "request_headers_to_remove": ["x:y"]}"#,
+            false,
+            500,
+            "invalid_decision",
+        ),
+        (
+            r#"{"allowed": true, "headers": {"x-a": "caf\u00e9 \t ok"}}"#,
+            true,
+            200,
+            "policy_allowed",
+        ),
         (r#"{"headers": {}}"#, false, 500, "invalid_decision"),
         (
             r#"{"allowed": true, "headers": "x"}"#,

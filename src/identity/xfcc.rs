@@ -32,6 +32,10 @@ pub enum Error {
     EmptyKey,
     #[error("x-forwarded-client-cert: header longer than {0} bytes")]
     TooLong(usize),
+    #[error(
+        "x-forwarded-client-cert: ambiguous ({0}); expected one element as Envoy's SANITIZE_SET writes it"
+    )]
+    Ambiguous(&'static str),
 }
 
 /// Longest XFCC header parsed.
@@ -103,12 +107,48 @@ pub fn parse(header: &str) -> Result<Vec<Element>, Error> {
     Ok(elements)
 }
 
-/// The SPIFFE URI of the immediate client (the last element's `URI`), if any.
+/// The keys Envoy writes, in the order it writes them.
+const ENVOY_KEYS: &[&str] = &["By", "Hash", "Cert", "Chain", "Subject", "URI", "DNS"];
+
+/// The client's URI SAN from a header Envoy set with `forward_client_cert_details:
+/// SANITIZE_SET`, if the certificate has one.
+///
+/// Envoy does not quote or escape URI and DNS values, so a certificate whose URI SAN holds a
+/// `,` or `;` can make the header read as more elements or more pairs than Envoy wrote — one of
+/// which names another workload. Only a header that can have one reading is accepted: exactly
+/// one element, only Envoy's keys, in Envoy's order, a `Hash`, and at most one `URI`. Anything
+/// else is refused as ambiguous (and so is an `APPEND_FORWARD` chain, whose elements cannot be
+/// told apart from a split one).
 pub fn client_uri(header: &str) -> Result<Option<String>, Error> {
-    Ok(parse(header)?
-        .last()
-        .and_then(|e| e.get("URI"))
-        .map(str::to_owned))
+    let elements = parse(header)?;
+    let element = match elements.as_slice() {
+        [] => return Ok(None),
+        [one] => one,
+        _ => return Err(Error::Ambiguous("more than one element")),
+    };
+    let mut last_rank = 0;
+    let mut uri = None;
+    let mut hash = false;
+    for (key, value) in &element.pairs {
+        let Some(rank) = ENVOY_KEYS.iter().position(|k| k.eq_ignore_ascii_case(key)) else {
+            return Err(Error::Ambiguous("a key Envoy does not write"));
+        };
+        if rank < last_rank {
+            return Err(Error::Ambiguous("keys out of Envoy's order"));
+        }
+        last_rank = rank;
+        match ENVOY_KEYS.get(rank) {
+            Some(&"Hash") if hash => return Err(Error::Ambiguous("more than one Hash")),
+            Some(&"Hash") => hash = true,
+            Some(&"URI") if uri.is_some() => return Err(Error::Ambiguous("more than one URI")),
+            Some(&"URI") => uri = Some(value.clone()),
+            _ => {}
+        }
+    }
+    if !hash {
+        return Err(Error::Ambiguous("no Hash"));
+    }
+    Ok(uri)
 }
 
 #[cfg(test)]
@@ -160,10 +200,43 @@ mod tests {
     }
 
     #[test]
-    fn the_last_element_is_the_immediate_client() {
-        let h = "By=a;URI=spiffe://td/first,By=b;URI=spiffe://td/last";
-        assert_eq!(client_uri(h).unwrap().as_deref(), Some("spiffe://td/last"));
-        assert_eq!(client_uri("By=a;Hash=b").unwrap(), None);
+    fn client_uri_accepts_only_one_reading_table() {
+        let ok: &[(&str, Option<&str>)] = &[
+            (
+                "By=spiffe://td/be;Hash=ab12;URI=spiffe://td/ns/a/sa/b",
+                Some("spiffe://td/ns/a/sa/b"),
+            ),
+            ("Hash=ab12;URI=spiffe://td/x", Some("spiffe://td/x")),
+            (
+                r#"Hash=ab;Subject="CN=a,O=b;c";URI=spiffe://td/x;DNS=a.example;DNS=b.example"#,
+                Some("spiffe://td/x"),
+            ),
+            ("By=spiffe://td/be;Hash=ab12", None),
+            ("", None),
+        ];
+        for (h, want) in ok {
+            assert_eq!(client_uri(h).unwrap().as_deref(), *want, "{h}");
+        }
+        let ambiguous = [
+            // A URI SAN "spiffe://td/x,Hash=00;URI=spiffe://td/admin": Envoy writes it as is.
+            "By=spiffe://td/be;Hash=ab;URI=spiffe://td/x,Hash=00;URI=spiffe://td/admin",
+            // A URI SAN "spiffe://td/x;URI=spiffe://td/admin".
+            "Hash=ab;URI=spiffe://td/x;URI=spiffe://td/admin",
+            // "spiffe://td/x;Foo=1", and keys out of order ("…;By=…" injected after URI).
+            "Hash=ab;URI=spiffe://td/x;Foo=1",
+            "Hash=ab;URI=spiffe://td/x;By=spiffe://td/y",
+            "URI=spiffe://td/x",
+            "Hash=a;Hash=b;URI=spiffe://td/x",
+            // APPEND_FORWARD chains cannot be told from a split element.
+            "By=a;Hash=1;URI=spiffe://td/first,By=b;Hash=2;URI=spiffe://td/last",
+        ];
+        for h in ambiguous {
+            assert!(
+                matches!(client_uri(h), Err(Error::Ambiguous(_))),
+                "{h}: {:?}",
+                client_uri(h)
+            );
+        }
     }
 
     #[test]

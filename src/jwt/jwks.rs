@@ -158,14 +158,16 @@ impl Jwks {
     }
 
     /// Keys usable for `alg` (and `kid`, when the token names one).
+    /// Any wait for a fetch ends by `deadline` as well as by `max_wait`.
     pub async fn keys_for(
         self: &Arc<Self>,
         kid: Option<&str>,
         alg: Algorithm,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<Vec<DecodingKey>, Failure> {
         let mut snapshot = self.current.load_full();
         if snapshot.is_none() {
-            snapshot = self.refresh_and_wait(None, false).await?;
+            snapshot = self.refresh_and_wait(None, false, deadline).await?;
         }
         let set = snapshot.as_ref().ok_or_else(|| {
             Failure::KeysUnavailable(
@@ -177,7 +179,7 @@ impl Jwks {
         let mut found = matching(set, kid, alg);
         if found.is_empty() && kid.is_some() {
             // A new kid may mean the issuer rotated keys: re-fetch once (rate limited).
-            if let Some(fresh) = self.refresh_and_wait(Some(set), true).await? {
+            if let Some(fresh) = self.refresh_and_wait(Some(set), true, deadline).await? {
                 found = matching(&fresh, kid, alg);
                 return self.usable(&fresh, found);
             }
@@ -205,6 +207,7 @@ impl Jwks {
         self: &Arc<Self>,
         seen: Option<&Arc<KeySet>>,
         kid_miss: bool,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<Option<Arc<KeySet>>, Failure> {
         let current = self.current.load_full();
         let stale_view = match (seen, &current) {
@@ -219,7 +222,13 @@ impl Jwks {
         let _waiting = self.enter_wait()?;
         let mut rx = self.attempts.subscribe();
         let start = *rx.borrow_and_update();
-        let mut budget = self.config.max_wait;
+        let mut budget = match deadline {
+            Some(d) => self
+                .config
+                .max_wait
+                .min(d.saturating_duration_since(tokio::time::Instant::now())),
+            None => self.config.max_wait,
+        };
         if kid_miss && !self.in_flight.load(Ordering::Acquire) {
             let since = lock(&self.last_miss_fetch).map(|t| t.elapsed());
             if let Some(since) = since
@@ -329,24 +338,26 @@ impl Jwks {
     }
 
     async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
+        // Errors end up in logs, /readyz and decision-log details: never with credentials.
+        let shown = redact_url(url);
         let mut resp = self
             .client
             .get(url)
             .send()
             .await
-            .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
+            .map_err(|e| format!("GET {shown}: {}", error_chain(&e.without_url())))?;
         if !resp.status().is_success() {
-            return Err(format!("GET {url}: HTTP {}", resp.status().as_u16()));
+            return Err(format!("GET {shown}: HTTP {}", resp.status().as_u16()));
         }
         let mut body = Vec::new();
         while let Some(chunk) = resp
             .chunk()
             .await
-            .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?
+            .map_err(|e| format!("GET {shown}: {}", error_chain(&e.without_url())))?
         {
             if body.len() + chunk.len() > MAX_BODY_BYTES {
                 return Err(format!(
-                    "GET {url}: body larger than {MAX_BODY_BYTES} bytes"
+                    "GET {shown}: body larger than {MAX_BODY_BYTES} bytes"
                 ));
             }
             body.extend_from_slice(&chunk);
@@ -429,6 +440,42 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// A URL as it may be shown: user info replaced by `***`, every query value by `***` (keys
+/// such as `api_key` stay, so the shape is still recognisable), the fragment dropped.
+pub fn redact_url(url: &str) -> String {
+    let url = url.split('#').next().unwrap_or("");
+    let (before_query, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match before_query.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = match rest.find('/') {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            let host = match authority.rsplit_once('@') {
+                Some((_, host)) => format!("***@{host}"),
+                None => authority.to_string(),
+            };
+            format!("{scheme}://{host}{path}")
+        }
+        None => before_query.to_string(),
+    };
+    if let Some(q) = query {
+        let redacted: Vec<String> = q
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) => format!("{k}=***"),
+                None => pair.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&redacted.join("&"));
+    }
+    out
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -442,4 +489,30 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_url_table() {
+        let cases = [
+            ("https://issuer/jwks", "https://issuer/jwks"),
+            (
+                "https://user:pw@issuer:8443/jwks",
+                "https://***@issuer:8443/jwks",
+            ),
+            (
+                "https://issuer/jwks?api_key=s3cret&v=2",
+                "https://issuer/jwks?api_key=***&v=***",
+            ),
+            (
+                "https://u@issuer?token=x#frag",
+                "https://***@issuer?token=***",
+            ),
+            ("http://a@b@issuer/x", "http://***@issuer/x"),
+        ];
+        for (url, want) in cases {
+            assert_eq!(super::redact_url(url), want, "{url}");
+        }
+    }
 }

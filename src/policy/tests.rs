@@ -232,3 +232,26 @@ fn rule_paths_are_validated() {
         assert!(!is_rule_path(bad), "{bad}");
     }
 }
+
+#[test]
+fn reading_parsed_body_is_detected_conservatively() {
+    let cases: &[(&str, bool)] = &[
+        ("allow if input.parsed_body.amount < 10", true),
+        ("allow if input[\"parsed_body\"]", true),
+        (
+            "allow if input.attributes.request.http.method == \"GET\"",
+            false,
+        ),
+        ("allow if input.parsed_path[0] == \"x\"", false),
+        ("x := input\nallow if x.y", true),
+        ("allow if some k, v in input", true),
+        ("allow if input[k] == 1", true),
+        ("allow if walk(input, [p, v])", true),
+        ("test_a if allow with input as {\"a\": 1}", false),
+        ("# the whole input document\nallow if input.peer", false),
+        ("allow if my_input == 1\ninputs := 2", false),
+    ];
+    for (text, want) in cases {
+        assert_eq!(may_read_parsed_body(text), *want, "{text}");
+    }
+}

@@ -64,7 +64,12 @@ impl Pki {
 
     /// An HTTPS client presenting a workload certificate for `spiffe`.
     pub fn client(&self, spiffe: &str) -> reqwest::Client {
-        let (cert, key) = self.issue(Some(spiffe), &[]);
+        self.client_for(Some(spiffe), &[])
+    }
+
+    /// An HTTPS client whose certificate has the given URI SAN (if any) and DNS SANs.
+    pub fn client_for(&self, spiffe: Option<&str>, dns: &[&str]) -> reqwest::Client {
+        let (cert, key) = self.issue(spiffe, dns);
         reqwest::Client::builder()
             .tls_certs_only([reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap()])
             .identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap())
@@ -78,15 +83,19 @@ impl Pki {
 pub async fn echo_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
-        let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (k, v) in &headers {
-            seen.entry(k.as_str().to_string())
-                .or_default()
-                .push(v.to_str().unwrap_or("").to_string());
-        }
-        axum::Json(seen)
-    });
+    let app = axum::Router::new().fallback(
+        |uri: axum::http::Uri, headers: axum::http::HeaderMap| async move {
+            let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            // The request target as the upstream received it (after Envoy's normalization).
+            seen.insert(":path".into(), vec![uri.to_string()]);
+            for (k, v) in &headers {
+                seen.entry(k.as_str().to_string())
+                    .or_default()
+                    .push(v.to_str().unwrap_or("").to_string());
+            }
+            axum::Json(seen)
+        },
+    );
     tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
@@ -147,6 +156,51 @@ pub fn splice(template: &str, placeholder: &str, snippet: Option<&Path>) -> Stri
         .join("\n")
 }
 
+/// Settings a test changes in `tests/e2e/envoy.yaml`.
+#[derive(Debug, Clone)]
+pub struct EnvoyOptions {
+    /// `headers_with_underscores_action` (the shipped configs say REJECT_REQUEST).
+    pub underscores: &'static str,
+    /// Extra lines for the HTTP connection manager (YAML at its indentation, one per line).
+    pub hcm: Vec<String>,
+    /// Extra lines for the ext_authz filter's config.
+    pub authz: Vec<String>,
+}
+
+impl Default for EnvoyOptions {
+    fn default() -> Self {
+        EnvoyOptions {
+            underscores: "REJECT_REQUEST",
+            hcm: Vec::new(),
+            authz: Vec::new(),
+        }
+    }
+}
+
+/// Replaces a line holding only `placeholder` with `lines`, at its indentation.
+fn splice_lines(template: &str, placeholder: &str, lines: &[String]) -> String {
+    template
+        .lines()
+        .filter_map(|line| {
+            if line.trim() != placeholder {
+                return Some(line.to_string());
+            }
+            if lines.is_empty() {
+                return None;
+            }
+            let indent = " ".repeat(line.len() - line.trim_start().len());
+            Some(
+                lines
+                    .iter()
+                    .map(|l| format!("{indent}{l}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A running Envoy; killed on drop.
 pub struct Envoy {
     child: tokio::process::Child,
@@ -158,6 +212,16 @@ pub struct Envoy {
 impl Envoy {
     /// Starts Envoy from `tests/e2e/envoy.yaml` pointed at meshauthz and the upstream.
     pub async fn start(pki: &Pki, authz: Authz, upstream: SocketAddr) -> Envoy {
+        Self::start_with(pki, authz, upstream, &EnvoyOptions::default()).await
+    }
+
+    /// [`Envoy::start`] with a test's own settings.
+    pub async fn start_with(
+        pki: &Pki,
+        authz: Authz,
+        upstream: SocketAddr,
+        options: &EnvoyOptions,
+    ) -> Envoy {
         let e2e = super::repo().join("tests/e2e");
         let template = std::fs::read_to_string(e2e.join("envoy.yaml")).unwrap();
         let (snippet, grpc, http) = match authz {
@@ -169,6 +233,9 @@ impl Envoy {
         let config = splice(&template, "${AUTHZ_SERVICE}", Some(&e2e.join(snippet)));
         let tls = matches!(authz, Authz::GrpcTls { .. }).then(|| e2e.join("meshauthz-tls.yaml"));
         let config = splice(&config, "${MESHAUTHZ_TLS}", tls.as_deref());
+        let config = splice_lines(&config, "${HCM_OPTIONS}", &options.hcm);
+        let config = splice_lines(&config, "${AUTHZ_OPTIONS}", &options.authz);
+        let config = config.replace("${UNDERSCORES}", options.underscores);
         let config = config
             .replace("${CERTS}", &pki.dir.display().to_string())
             .replace("${MESHAUTHZ_PORT}", &grpc.port().to_string())

@@ -393,6 +393,29 @@ impl Keys {
         header.kid = Some(self.kid.clone());
         jsonwebtoken::encode(&header, claims, &self.encoding).unwrap()
     }
+
+    /// A validly signed token with extra header parameters (`crit`, …) the encoder has no
+    /// field for.
+    pub fn sign_with_header(
+        &self,
+        extra_header: &serde_json::Value,
+        claims: &serde_json::Value,
+    ) -> String {
+        use base64::Engine as _;
+        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut header = json!({"alg": format!("{:?}", self.alg), "typ": "JWT", "kid": self.kid});
+        for (k, v) in extra_header.as_object().unwrap() {
+            header[k] = v.clone();
+        }
+        let message = format!(
+            "{}.{}",
+            e.encode(header.to_string()),
+            e.encode(claims.to_string())
+        );
+        let signature =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &self.encoding, self.alg).unwrap();
+        format!("{message}.{signature}")
+    }
 }
 
 pub fn now() -> i64 {

@@ -13,6 +13,7 @@ req(sa, method, path) := {
 		"trust_domain": "cluster.local",
 		"namespace": "shop",
 		"service_account": sa,
+		"istio_principal": sprintf("cluster.local/ns/shop/sa/%s", [sa]),
 	},
 }
 
@@ -34,7 +35,7 @@ test_unbound_service_account_is_denied if {
 
 test_bindings_come_from_data if {
 	authz.allow with input as req("payments", "GET", "/api/products/42")
-		with data.rbac.bindings as {"shop/payments": ["catalog-reader"]}
+		with data.rbac.bindings as {"cluster.local/ns/shop/sa/payments": ["catalog-reader"]}
 }
 
 test_health_is_public_without_identity if {
@@ -59,7 +60,7 @@ test_scp_array_claim_is_understood if {
 
 test_denied_principal_is_refused_despite_binding if {
 	not authz.allow with input as req("compromised", "GET", "/api/products/1")
-		with data.rbac.bindings as {"shop/compromised": ["catalog-reader"]}
+		with data.rbac.bindings as {"cluster.local/ns/shop/sa/compromised": ["catalog-reader"]}
 }
 
 # --- Custom 401/403 bodies and the header injected on allow
@@ -81,4 +82,16 @@ test_missing_token_on_a_scoped_route_is_401 if {
 	r := authz.result with input as req("checkout", "POST", "/api/orders")
 	r.http_status == 401
 	r.headers["www-authenticate"] == "Bearer"
+}
+
+# --- Bindings name the trust domain: the same namespace and service account elsewhere get nothing
+
+test_other_trust_domain_gets_no_roles if {
+	not authz.allow with input as object.union(req("checkout", "GET", "/api/products/42"), {"peer": {
+		"spiffe_id": "spiffe://evil/ns/shop/sa/checkout",
+		"trust_domain": "evil",
+		"namespace": "shop",
+		"service_account": "checkout",
+		"istio_principal": "evil/ns/shop/sa/checkout",
+	}})
 }

@@ -36,9 +36,11 @@ default allow := false
 # Health and readiness endpoints are open to every caller, with or without identity.
 allow if request_path in data.rbac.public_paths
 
-# The caller's roles: bindings are keyed "<namespace>/<service account>" (Istio SPIFFE IDs).
+# The caller's roles: bindings are keyed by the whole identity, trust domain included
+# ("cluster.local/ns/<namespace>/sa/<service account>", Istio's principal form), so a
+# workload of another trust domain with the same namespace and service account gets nothing.
 roles contains data.rbac.roles[name] if {
-	some name in data.rbac.bindings[concat("/", [input.peer.namespace, input.peer.service_account])]
+	some name in data.rbac.bindings[input.peer.istio_principal]
 }
 
 # A workload may call a route when one of its roles grants it, unless it is deny-listed.
