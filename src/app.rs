@@ -191,17 +191,58 @@ impl App {
     }
 }
 
-/// Reads an `eval` input file: a protojson CheckRequest or an OPA-Envoy input document.
-pub fn read_eval_input(path: &Path) -> anyhow::Result<Attributes> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read input", path.display()))?;
-    let parsed: CheckRequestJson = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{}: expected a protojson CheckRequest or an OPA-Envoy input document (an object with \"attributes\")",
-            path.display()
-        )
-    })?;
-    Ok(parsed.attributes)
+/// What `meshauthz eval` decides.
+#[derive(Debug)]
+pub enum EvalInput {
+    /// A protojson CheckRequest (only `attributes`): the pipeline builds the input document and
+    /// verifies tokens, as when serving.
+    Check(Box<Attributes>),
+    /// An OPA-Envoy input document (`attributes` with any of `parsed_path`, `peer`, `jwt`, …):
+    /// evaluated exactly as given, every key kept, no token verified.
+    Document(regorus::Value),
+}
+
+/// Keys of the input document meshauthz builds that a CheckRequest does not have.
+const DOCUMENT_KEYS: &[&str] = &[
+    "parsed_path",
+    "parsed_query",
+    "parsed_body",
+    "truncated_body",
+    "peer",
+    "jwt",
+    "version",
+];
+
+/// Reads an `eval` input: a file, or standard input for `-`.
+pub fn read_eval_input(path: &Path) -> anyhow::Result<EvalInput> {
+    let (name, text) = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("standard input: cannot read input")?;
+        ("standard input".to_string(), text)
+    } else {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read input", path.display()))?;
+        (path.display().to_string(), text)
+    };
+    parse_eval_input(&name, &text)
+}
+
+fn parse_eval_input(name: &str, text: &str) -> anyhow::Result<EvalInput> {
+    let expected = "expected a protojson CheckRequest or an OPA-Envoy input document (an object with \"attributes\")";
+    let json: serde_json::Value =
+        serde_json::from_str(text).with_context(|| format!("{name}: {expected}"))?;
+    let Some(obj) = json.as_object().filter(|o| o.contains_key("attributes")) else {
+        anyhow::bail!("{name}: {expected}");
+    };
+    if obj.keys().any(|k| DOCUMENT_KEYS.contains(&k.as_str())) {
+        let doc =
+            regorus::Value::from_json_str(text).with_context(|| format!("{name}: {expected}"))?;
+        return Ok(EvalInput::Document(doc));
+    }
+    let parsed: CheckRequestJson =
+        serde_json::from_value(json).with_context(|| format!("{name}: {expected}"))?;
+    Ok(EvalInput::Check(Box::new(parsed.attributes)))
 }
 
 /// Signals that end `serve`: SIGTERM or SIGINT. SIGHUP forces a policy reload.
@@ -229,14 +270,14 @@ pub async fn shutdown_signal(app: Arc<App>) {
 }
 
 /// The decision as `eval` prints it.
-pub fn decision_json(c: &crate::authz::Checked) -> String {
+pub fn decision_json(c: &crate::authz::Checked, print_input: bool) -> String {
     let d = &c.decision;
     let headers = |hs: &[crate::decision::Header]| -> Vec<serde_json::Value> {
         hs.iter()
             .map(|h| serde_json::json!({"name": h.name, "value": h.value, "append": h.append}))
             .collect()
     };
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "decision_id": c.decision_id,
         "allowed": d.allowed,
         "status": if d.allowed { 200 } else { d.status },
@@ -250,5 +291,15 @@ pub fn decision_json(c: &crate::authz::Checked) -> String {
             .and_then(|m| m.to_json_str().ok())
             .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok()),
     });
+    if print_input
+        && let Some(input) = &c.input
+        && let Some(obj) = v.as_object_mut()
+    {
+        let json = input
+            .to_json_str()
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+        obj.insert("input".into(), json.unwrap_or_default());
+    }
     serde_json::to_string_pretty(&v).unwrap_or_default()
 }

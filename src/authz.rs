@@ -26,6 +26,8 @@ pub struct Checked {
     pub decision_id: String,
     /// The decision the policy actually made (differs from `decision` only in dry-run).
     pub computed_allowed: bool,
+    /// The input document the policy saw, when the context asked for it (`eval --print-input`).
+    pub input: Option<regorus::Value>,
 }
 
 /// Shared, immutable wiring of the pipeline.
@@ -74,6 +76,8 @@ struct Facts {
     jwt_provider: Option<String>,
     jwt_sub: Option<String>,
     jwt_fingerprint: Option<jwt::TokenDigest>,
+    /// The input document, when the context asked to keep it.
+    input: Option<regorus::Value>,
     /// The verified token, for the identity headers.
     verified: Option<Arc<jwt::Verified>>,
     /// The header the verified token came in (removed when its provider does not forward it).
@@ -100,6 +104,8 @@ pub struct Context {
     /// The transport could not read the request (e.g. a malformed `x-forwarded-client-cert`):
     /// the Check is a 400, decided, logged and counted like any other denial.
     pub malformed: Option<String>,
+    /// Keep the input document in [`Checked::input`].
+    pub capture_input: bool,
 }
 
 /// How much earlier than Envoy's deadline meshauthz answers: a fifth of the time Envoy gave,
@@ -181,6 +187,24 @@ impl Authorizer {
             decision: enforced,
             decision_id,
             computed_allowed,
+            input: facts.input,
+        }
+    }
+
+    /// Decides an OPA-Envoy input document given whole (`meshauthz eval`): the policy sees
+    /// exactly that document; nothing is derived and no token is verified.
+    pub fn check_document(&self, doc: regorus::Value) -> Checked {
+        let policy = self.policy.current();
+        let decision = match policy.evaluate(doc.clone()) {
+            Ok(value) => Decision::from_policy(&value),
+            Err(e) => Decision::policy_error(e.to_string()),
+        };
+        let decision = enforceable(decision, Transport::Grpc);
+        Checked {
+            computed_allowed: decision.allowed,
+            decision,
+            decision_id: new_decision_id(),
+            input: Some(doc),
         }
     }
 
@@ -285,6 +309,12 @@ impl Authorizer {
                 truncated_body: body.truncated,
             },
         );
+        if http.body.len() + http.raw_body.len() <= SAMPLE_BODY_BYTES {
+            self.policy.record(&doc);
+        }
+        if ctx.capture_input {
+            facts.input = Some(doc.clone());
+        }
         let eval_start = Instant::now();
         let result = policy.evaluate(doc);
         facts.eval_us = u64::try_from(eval_start.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -336,6 +366,10 @@ impl Authorizer {
         Ok(())
     }
 }
+
+/// Checks with a larger body are not kept for the reload gate, which bounds what its samples
+/// hold: `policy.reload_gate_samples` × (`limits.max_header_bytes` + this), before parsing.
+const SAMPLE_BODY_BYTES: usize = 8 * 1024;
 
 /// 401 with the RFC 6750 challenge; the detail names the failure category, never the token.
 fn jwt_denial(failure: &jwt::Failure) -> Decision {

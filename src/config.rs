@@ -19,11 +19,12 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/meshauthz.yaml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{file}: cannot read config: {source}")]
+    /// The OS error is part of the message, not a `source`: a report that prints the chain
+    /// would show it twice.
+    #[error("{file}: cannot read config: {error}")]
     Read {
         file: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{file}: {key}: {message}")]
     Invalid {
@@ -195,9 +196,9 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(file: impl AsRef<Path>) -> Result<Config, Error> {
         let file = file.as_ref();
-        let text = std::fs::read_to_string(file).map_err(|source| Error::Read {
+        let text = std::fs::read_to_string(file).map_err(|error| Error::Read {
             file: file.to_path_buf(),
-            source,
+            error,
         })?;
         Self::from_yaml(&text, file)
     }
@@ -207,6 +208,11 @@ impl Config {
         let de = yaml_serde::Deserializer::from_str(text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
+            // yaml_serde already starts its message with the key path; say it once.
+            let message = e.into_inner().to_string();
+            let message = message
+                .strip_prefix(&format!("{key}: "))
+                .map_or(message.clone(), str::to_owned);
             Error::Invalid {
                 file: file.to_path_buf(),
                 key: if key == "." {
@@ -214,7 +220,7 @@ impl Config {
                 } else {
                     key
                 },
-                message: e.into_inner().to_string(),
+                message,
             }
         })?;
         let base_dir = file

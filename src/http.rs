@@ -21,9 +21,24 @@ struct Readiness {
     decision_rule: String,
     engine: &'static str,
     modules: usize,
+    /// Why `engine: auto` runs the serving revision on the interpreter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine_fallback: Option<String>,
     dry_run: bool,
+    /// The last reload that was refused (the revision above kept serving).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_reload_error: Option<ReloadErrorView>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     jwks: Vec<JwksStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct ReloadErrorView {
+    time: String,
+    stage: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    location: Option<String>,
+    message: String,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -53,8 +68,15 @@ async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
         policy_revision: policy.revision().to_string(),
         decision_rule: policy.decision_rule().to_string(),
         engine: policy.engine(),
+        engine_fallback: policy.fallback().map(str::to_owned),
         modules: policy.modules().len(),
         dry_run: app.authz.dry_run,
+        last_reload_error: app.authz.policy.last_error().map(|e| ReloadErrorView {
+            time: e.time,
+            stage: e.stage,
+            location: e.location,
+            message: e.message,
+        }),
         jwks: app.authz.jwt.jwks_status(),
     };
     let status = if ready {
@@ -68,6 +90,13 @@ async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     app.metrics
         .set_jwt_cache_entries(app.authz.jwt.cache_entries());
+    // Ages are computed now, as /readyz does, not left at their value of the last fetch.
+    for s in app.authz.jwt.jwks_status() {
+        let age = s
+            .age_seconds
+            .map_or(-1, |a| i64::try_from(a).unwrap_or(i64::MAX));
+        app.metrics.set_jwks_age(&s.provider, age);
+    }
     (
         [(
             header::CONTENT_TYPE,

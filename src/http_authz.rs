@@ -114,6 +114,7 @@ pub async fn handle(
         transport: Transport::Http,
         deadline,
         malformed,
+        capture_input: false,
     };
     let checked = app.authz.check_with(attrs, ctx).await;
     respond(&checked.decision, &checked.decision_id)

@@ -40,9 +40,13 @@ enum Command {
     Eval {
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
-        /// A protojson CheckRequest or an OPA-Envoy input document.
+        /// A protojson CheckRequest (decided by the whole pipeline, tokens verified) or an
+        /// OPA-Envoy input document (evaluated as given); `-` reads standard input.
         #[arg(long, short)]
         input: PathBuf,
+        /// Also print the input document the policy evaluated.
+        #[arg(long)]
+        print_input: bool,
     },
     /// Run the `test_*` rules of policy trees (like `opa test`); exit 1 if any fails.
     Test {
@@ -172,20 +176,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Eval { config, input } => {
+        Command::Eval {
+            config,
+            input,
+            print_input,
+        } => {
             let mut config = Config::load(&config)?;
             config.decision_log.enabled = false;
-            let attrs = app::read_eval_input(&input)?;
+            let input = app::read_eval_input(&input)?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("cannot start the runtime")?;
             let checked = rt.block_on(async {
                 let app = App::build(config)?;
-                app.authz.jwt.start();
-                anyhow::Ok(app.authz.check(attrs).await)
+                anyhow::Ok(match input {
+                    app::EvalInput::Document(doc) => app.authz.check_document(doc),
+                    app::EvalInput::Check(attrs) => {
+                        app.authz.jwt.start();
+                        let ctx = meshauthz::authz::Context {
+                            capture_input: true,
+                            ..Default::default()
+                        };
+                        app.authz.check_with(*attrs, ctx).await
+                    }
+                })
             })?;
-            println!("{}", meshauthz::app::decision_json(&checked));
+            println!("{}", meshauthz::app::decision_json(&checked, print_input));
             Ok(if checked.computed_allowed {
                 ExitCode::SUCCESS
             } else {

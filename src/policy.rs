@@ -9,6 +9,7 @@
 //! the first time that thread sees the revision): a clone shares the parsed modules and data, so
 //! the per-request cost is setting the input and walking the rules.
 
+pub mod check;
 mod loader;
 mod store;
 pub mod testing;
@@ -75,6 +76,10 @@ pub struct Config {
     pub eval_timeout: Duration,
     /// Most RVM instructions one evaluation may execute; past it the request is denied.
     pub max_instructions: usize,
+    /// Run the tree's `test_*` rules before a reloaded revision goes live; refuse it if any fail.
+    pub test_on_reload: bool,
+    /// How many recent Check inputs the reload gate replays (0: the gate is off).
+    pub reload_gate_samples: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,7 +102,18 @@ pub struct RawConfig {
     eval_timeout: String,
     #[serde(default = "default_max_instructions")]
     max_instructions: usize,
+    #[serde(default)]
+    test_on_reload: bool,
+    #[serde(default = "default_reload_gate_samples")]
+    reload_gate_samples: usize,
 }
+
+fn default_reload_gate_samples() -> usize {
+    64
+}
+
+/// Inputs beyond this many are not kept for the gate: each sample is held in memory.
+const MAX_RELOAD_GATE_SAMPLES: usize = 1024;
 
 fn default_max_instructions() -> usize {
     1_000_000
@@ -153,6 +169,17 @@ impl RawConfig {
             } else {
                 self.max_instructions
             },
+            test_on_reload: self.test_on_reload,
+            reload_gate_samples: if self.reload_gate_samples > MAX_RELOAD_GATE_SAMPLES {
+                return Err(ctx.err(
+                    "policy.reload_gate_samples",
+                    format!(
+                        "expected at most {MAX_RELOAD_GATE_SAMPLES} (each sample is kept in memory)"
+                    ),
+                ));
+            } else {
+                self.reload_gate_samples
+            },
         })
     }
 }
@@ -173,11 +200,11 @@ fn is_rule_path(s: &str) -> bool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    /// The OS error is part of the message, not a `source`, so a chain prints it once.
+    #[error("{path}: {error}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A Rego parse or compile error; regorus's message names file:line:column.
     #[error("{0}")]
@@ -188,6 +215,15 @@ pub enum Error {
     NoModules(String),
     #[error("decision rule {rule} is not defined by any loaded module")]
     MissingDecision { rule: String },
+    /// Calls that cannot run (unknown or unsupported functions), one `file:line:col: …` each.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Calls(Vec<check::Finding>),
+    /// `policy.test_on_reload`: the revision's own `test_*` rules did not pass.
+    #[error("{0}")]
+    Tests(String),
+    /// The reload gate: the revision fails where the serving one decided.
+    #[error("{0}")]
+    Gate(String),
 }
 
 /// Why an evaluation produced no value. Always turned into a denial by the caller.
@@ -254,6 +290,8 @@ pub struct Policy {
     generation: u64,
     modules: Vec<PathBuf>,
     reads_parsed_body: bool,
+    /// Why `engine: auto` runs this revision on the interpreter, if it does.
+    fallback: Option<String>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -288,17 +326,21 @@ impl Policy {
         }
         let mut engine = new_engine(cfg);
         sources.add_to(&mut engine)?;
+        let findings = check::calls(&sources.modules, cfg.rego_version == RegoVersion::V0);
+        if !findings.is_empty() {
+            return Err(Error::Calls(findings));
+        }
         let compiled = check_decision_rule(&mut engine, &cfg.decision)?;
-        let rvm = match cfg.engine {
-            EngineKind::Interpreter => None,
-            EngineKind::Rvm => Some(compile_rvm(&compiled, &engine, &cfg.decision)?),
-            EngineKind::Auto => match compile_rvm(&compiled, &engine, &cfg.decision) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::warn!(error = %e, "policy does not compile for the RVM; using the interpreter");
-                    None
-                }
-            },
+        // The RVM compiler resolves every name reachable from the decision rule, so it is run
+        // whatever the engine: an error in the policy it finds is a load error on every engine;
+        // only a limitation of the compiler falls back (and says so).
+        let (rvm, fallback) = match compile_rvm(&compiled, &engine, &cfg.decision) {
+            Ok(p) if cfg.engine != EngineKind::Interpreter => (Some(p), None),
+            Ok(_) => (None, None),
+            Err(e) if is_policy_mistake(&e) => return Err(e),
+            Err(e) if cfg.engine == EngineKind::Rvm => return Err(e),
+            Err(e) if cfg.engine == EngineKind::Auto => (None, Some(e.to_string())),
+            Err(_) => (None, None),
         };
         Ok(Policy {
             prototype: engine,
@@ -313,6 +355,7 @@ impl Policy {
                 .iter()
                 .any(|m| may_read_parsed_body(&m.text)),
             modules: sources.modules.into_iter().map(|m| m.path).collect(),
+            fallback,
         })
     }
 
@@ -335,6 +378,11 @@ impl Policy {
         &self.decision
     }
 
+    /// Why `engine: auto` runs this revision on the interpreter instead of the RVM.
+    pub fn fallback(&self) -> Option<&str> {
+        self.fallback.as_deref()
+    }
+
     /// Which evaluator this revision runs on.
     pub fn engine(&self) -> &'static str {
         if self.rvm.is_some() {
@@ -347,7 +395,13 @@ impl Policy {
     /// Evaluates the decision rule for `input`. `Value::Undefined` means the rule had no value.
     pub fn evaluate(&self, input: Value) -> Result<Value, EvalError> {
         match &self.rvm {
-            Some((program, data)) => self.evaluate_rvm(program, data, input),
+            // The RVM reads a conflict between rule definitions as "undefined"; the interpreter
+            // reports it with its location. Undefined is re-asked of the interpreter so both
+            // engines fail alike (a cost only on the undefined path, which `default` avoids).
+            Some((program, data)) => match self.evaluate_rvm(program, data, input.clone())? {
+                Value::Undefined => self.evaluate_interpreter(input).map(|_| Value::Undefined),
+                v => Ok(v),
+            },
             None => self.evaluate_interpreter(input),
         }
     }
@@ -420,6 +474,20 @@ fn new_engine(cfg: &Config) -> Engine {
     engine.set_strict_builtin_errors(false);
     engine.set_execution_timer_config(timer(cfg));
     engine
+}
+
+/// RVM compile errors that are mistakes in the policy (the interpreter would fail the same
+/// way, but only at evaluation), as opposed to constructs the RVM compiler does not support yet.
+fn is_policy_mistake(e: &Error) -> bool {
+    let Error::Compile(m) = e else { return false };
+    [
+        "Unknown function",
+        "Undefined variable",
+        "Invalid function expression",
+        "unary - can only",
+    ]
+    .iter()
+    .any(|s| m.contains(s))
 }
 
 fn compile_rvm(

@@ -50,6 +50,7 @@ pub struct Metrics {
     jwt_validations: Family<ProviderResultLabels, Counter>,
     jwks_fetches: Family<ProviderResultLabels, Counter>,
     jwks_age: Family<ProviderLabels, Gauge>,
+    policy_engine_fallbacks: Counter,
     jwt_cache_entries: Gauge,
     decision_log_dropped: Counter,
 }
@@ -121,6 +122,12 @@ impl Metrics {
             "Verified tokens held in the cache (bounded by jwt.cache_capacity), as of the scrape",
             jwt_cache_entries.clone(),
         );
+        let policy_engine_fallbacks = Counter::default();
+        registry.register(
+            "policy_engine_fallbacks",
+            "Policy revisions that engine auto runs on the interpreter because the RVM cannot compile them",
+            policy_engine_fallbacks.clone(),
+        );
         let decision_log_dropped = Counter::default();
         registry.register(
             "decision_log_dropped",
@@ -139,7 +146,12 @@ impl Metrics {
             jwks_age,
             jwt_cache_entries,
             decision_log_dropped,
+            policy_engine_fallbacks,
         }
+    }
+
+    pub fn policy_engine_fallback(&self) {
+        self.policy_engine_fallbacks.inc();
     }
 
     pub fn check(&self, allowed: bool, reason: &'static str, seconds: f64) {

@@ -135,6 +135,145 @@ fn eval_decides_a_captured_envoy_request_with_the_bundled_config() {
     );
 }
 
+/// `eval` over both input kinds, from a file and from standard input: a CheckRequest goes
+/// through the pipeline (the input is built, `peer` derived); an OPA-Envoy input document is
+/// evaluated exactly as given (its `peer` and `parsed_path` are used, nothing re-derived).
+#[test]
+fn eval_table_over_input_kinds_and_stdin() {
+    let check = |principal: &str, path: &str| {
+        serde_json::json!({"attributes": {
+            "source": {"principal": principal},
+            "request": {"http": {"method": "GET", "path": path, "headers": {}}}
+        }})
+    };
+    // An input document whose own parsed_path and peer disagree with its attributes: eval must
+    // use the document's, so it is allowed only if the given keys were kept.
+    let document = serde_json::json!({
+        "attributes": {"request": {"http": {"method": "GET", "path": "/admin", "headers": {}}}},
+        "parsed_path": ["api", "products", "1"],
+        "parsed_query": {},
+        "peer": {"istio_principal": "cluster.local/ns/shop/sa/frontend"}
+    });
+    let cases: &[(&str, serde_json::Value, bool, Option<i32>, &str)] = &[
+        (
+            "check, allowed",
+            check(
+                "spiffe://cluster.local/ns/shop/sa/frontend",
+                "/api/products/1",
+            ),
+            false,
+            Some(0),
+            "cluster.local/ns/shop/sa/frontend",
+        ),
+        (
+            "check, denied",
+            check("spiffe://cluster.local/ns/shop/sa/frontend", "/admin"),
+            false,
+            Some(2),
+            "cluster.local/ns/shop/sa/frontend",
+        ),
+        (
+            "check from stdin",
+            check(
+                "spiffe://cluster.local/ns/shop/sa/frontend",
+                "/api/products/1",
+            ),
+            true,
+            Some(0),
+            "cluster.local/ns/shop/sa/frontend",
+        ),
+        (
+            "document as given",
+            document.clone(),
+            false,
+            Some(0),
+            "cluster.local/ns/shop/sa/frontend",
+        ),
+        (
+            "document from stdin",
+            document,
+            true,
+            Some(0),
+            "cluster.local/ns/shop/sa/frontend",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (name, input, stdin, code, principal) in cases {
+        let file = dir.path().join("input.json");
+        std::fs::write(&file, input.to_string()).unwrap();
+        let mut cmd = meshauthz();
+        cmd.args(["eval", "--print-input", "--input"]);
+        let out = if *stdin {
+            use std::io::Write as _;
+            let mut child = cmd
+                .arg("-")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.to_string().as_bytes())
+                .unwrap();
+            child.wait_with_output().unwrap()
+        } else {
+            cmd.arg(&file).output().unwrap()
+        };
+        assert_eq!(
+            out.status.code(),
+            *code,
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let decision: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            decision["input"]["peer"]["istio_principal"], *principal,
+            "{name}: {decision}"
+        );
+        assert!(decision["input"]["parsed_path"].is_array(), "{name}");
+    }
+}
+
+/// `validate` runs the static call checks: it exits 1 naming the file, line and function.
+#[test]
+fn validate_names_the_file_line_and_function_of_a_call_that_cannot_run() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&repo().join("policies"), &dir.path().join("policies"));
+    let rego = dir.path().join("policies/envoy/authz/authz.rego");
+    let text = std::fs::read_to_string(&rego).unwrap();
+    let line = text.lines().count() + 1;
+    let config = write_config(
+        dir.path(),
+        "policy:\n  paths: [policies]\n  decision: data.envoy.authz.result\n",
+    );
+    for (rule, expected) in [
+        (
+            "allow if contians(input.parsed_path, \"x\")",
+            "unknown function contians (did you mean contains?)",
+        ),
+        (
+            "allow if http.send({\"method\": \"get\", \"url\": \"http://x\"})",
+            "http.send is not supported by meshauthz",
+        ),
+    ] {
+        std::fs::write(&rego, format!("{text}{rule}\n")).unwrap();
+        let out = meshauthz()
+            .args(["validate", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{rule}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{}:{line}:10: {expected}", rego.display())),
+            "{stderr}"
+        );
+    }
+}
+
 #[test]
 fn eval_reports_an_unreadable_input() {
     let out = meshauthz()

@@ -28,17 +28,23 @@ fn replace(path: &std::path::Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn editing_a_policy_under_load_switches_decisions_without_errors() {
+/// A temp dir with `policies/policy.rego` holding `text`, and a config watching it.
+fn watched_policy(text: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let pdir = dir.path().join("policies");
     std::fs::create_dir(&pdir).unwrap();
     let policy_file = pdir.join("policy.rego");
-    std::fs::write(&policy_file, POLICY_A).unwrap();
+    std::fs::write(&policy_file, text).unwrap();
     let config = write_config(
         dir.path(),
         "policy:\n  paths: [policies]\n  debounce: 50ms\ndecision_log: { enabled: false }\n",
     );
+    (dir, policy_file, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_a_policy_under_load_switches_decisions_without_errors() {
+    let (_dir, policy_file, config) = watched_policy(POLICY_A);
     let server = Arc::new(TestServer::start(&config).await);
     let (_, ready) = server.get("/readyz").await;
     let first: serde_json::Value = serde_json::from_str(&ready).unwrap();
@@ -289,15 +295,7 @@ async fn policy_file_faults_keep_the_last_good_policy_serving() {
         ("deleted", |p| std::fs::remove_file(p).unwrap()),
     ];
 
-    let dir = tempfile::tempdir().unwrap();
-    let pdir = dir.path().join("policies");
-    std::fs::create_dir(&pdir).unwrap();
-    let policy_file = pdir.join("policy.rego");
-    std::fs::write(&policy_file, POLICY_B).unwrap();
-    let config = write_config(
-        dir.path(),
-        "policy:\n  paths: [policies]\n  debounce: 50ms\ndecision_log: { enabled: false }\n",
-    );
+    let (_dir, policy_file, config) = watched_policy(POLICY_B);
     let server = TestServer::start(&config).await;
     let revision = |body: String| {
         serde_json::from_str::<serde_json::Value>(&body).unwrap()["policy_revision"].clone()
@@ -381,4 +379,88 @@ async fn a_full_disk_under_the_decision_log_drops_lines_not_decisions() {
     })
     .await;
     assert!(dropped, "every line that could not be written is counted");
+}
+
+/// Edits that compile but cannot evaluate — a misspelt function, an OPA builtin meshauthz
+/// does not have, a rule conflict — written while serving under load: each is refused (the
+/// first two by the static checks, the conflict by the reload gate on recent inputs), shown on
+/// `/readyz` with its location, and the last good revision keeps every decision: no 500s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_that_cannot_evaluate_are_refused_while_serving_under_load() {
+    let faults: &[(&str, &str, &str, &str)] = &[
+        (
+            "a misspelt function",
+            "allow if contians(input.parsed_path[0], \"x\")\n",
+            "error",
+            "policy.rego:4:10: unknown function contians (did you mean contains?)",
+        ),
+        (
+            "an unsupported builtin",
+            "allow if http.send({\"method\": \"get\", \"url\": \"http://x\"}).status_code == 200\n",
+            "error",
+            "policy.rego:4:10: http.send is not supported by meshauthz",
+        ),
+        (
+            "a rule conflict",
+            "allow := \"yes\" if input.parsed_path[0] == \"a\"\n",
+            "rejected",
+            "conflict",
+        ),
+    ];
+    let (_dir, policy_file, config) = watched_policy(POLICY_B);
+    let server = Arc::new(TestServer::start(&config).await);
+    let ready = |body: String| serde_json::from_str::<serde_json::Value>(&body).unwrap();
+    let good = ready(server.get("/readyz").await.1)["policy_revision"].clone();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (server, stop) = (server.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let (mut checks, mut wrong) = (0usize, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                for (path, allowed) in [("/a", true), ("/b/c", true), ("/c", false)] {
+                    let o = server.check(request(None, "GET", path)).await;
+                    checks += 1;
+                    if o.allowed != allowed || (!o.allowed && o.status != 403) {
+                        wrong.push(format!("{path}: {} {}", o.allowed, o.status));
+                    }
+                }
+            }
+            (checks, wrong)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut counts = std::collections::BTreeMap::new();
+    for (name, rule, result, message) in faults {
+        replace(&policy_file, &format!("{POLICY_B}{rule}"));
+        let n = counts.entry(*result).or_insert(0);
+        *n += 1;
+        let counted = format!(r#"meshauthz_policy_reloads_total{{result="{result}"}} {n}"#);
+        let seen = eventually(Duration::from_secs(5), async || {
+            server.get("/metrics").await.1.contains(&counted)
+        })
+        .await;
+        assert!(seen, "{name}: the refused reload is counted as {result}");
+        let r = ready(server.get("/readyz").await.1);
+        assert_eq!(r["policy_revision"], good, "{name}");
+        let shown = &r["last_reload_error"];
+        assert!(
+            shown["message"].as_str().unwrap().contains(message),
+            "{name}: {shown}"
+        );
+        assert!(shown["time"].is_string(), "{name}: {shown}");
+        replace(&policy_file, POLICY_B);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let (checks, wrong) = c.await.unwrap();
+        assert!(wrong.is_empty(), "decisions changed or failed: {wrong:?}");
+        total += checks;
+    }
+    assert!(total > 100, "too little load to prove anything: {total}");
+    eprintln!("{total} checks while three unevaluable revisions were refused");
 }

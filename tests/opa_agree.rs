@@ -256,6 +256,8 @@ fn ours(
         debounce: std::time::Duration::from_millis(100),
         eval_timeout: std::time::Duration::from_secs(5),
         max_instructions: 1_000_000,
+        test_on_reload: false,
+        reload_gate_samples: 64,
     };
     let policy = Policy::load(&cfg).unwrap();
     docs.iter()

@@ -71,9 +71,9 @@ impl Sources {
 pub fn collect(roots: &[PathBuf], include_tests: bool) -> Result<Sources, Error> {
     let mut files = Vec::new();
     for root in roots {
-        let meta = std::fs::metadata(root).map_err(|source| Error::Read {
+        let meta = std::fs::metadata(root).map_err(|error| Error::Read {
             path: root.clone(),
-            source,
+            error,
         })?;
         if meta.is_dir() {
             walk(root, root, &mut files)?;
@@ -101,9 +101,9 @@ pub fn collect(roots: &[PathBuf], include_tests: bool) -> Result<Sources, Error>
         } else {
             continue;
         };
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Read {
+        let text = std::fs::read_to_string(&path).map_err(|error| Error::Read {
             path: path.clone(),
-            source,
+            error,
         })?;
         digest.update(path.to_string_lossy().as_bytes());
         digest.update(&[0]);
@@ -143,9 +143,9 @@ enum Kind {
 
 /// Depth-first walk collecting `(file, mount components)`; follows symlinks, skips dot names.
 fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, Vec<String>)>) -> Result<(), Error> {
-    let read_err = |source| Error::Read {
+    let read_err = |error| Error::Read {
         path: dir.to_path_buf(),
-        source,
+        error,
     };
     for entry in std::fs::read_dir(dir).map_err(read_err)? {
         let entry = entry.map_err(read_err)?;
@@ -156,9 +156,9 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, Vec<String>)>) -> Resul
         }
         let path = entry.path();
         // metadata() follows symlinks, as ConfigMap volumes need.
-        let meta = std::fs::metadata(&path).map_err(|source| Error::Read {
+        let meta = std::fs::metadata(&path).map_err(|error| Error::Read {
             path: path.clone(),
-            source,
+            error,
         })?;
         if meta.is_dir() {
             walk(root, &path, out)?;

@@ -15,6 +15,8 @@ fn config(dir: &Path) -> Config {
         debounce: Duration::from_millis(50),
         eval_timeout: Duration::from_millis(100),
         max_instructions: 1_000_000,
+        test_on_reload: false,
+        reload_gate_samples: 64,
     }
 }
 
@@ -27,12 +29,8 @@ fn write(dir: &Path, rel: &str, text: &str) {
 const ALLOW_ROLE: &str =
     "package envoy.authz\nimport rego.v1\nallow if input.role in data.shop.roles.admins\n";
 
-fn input(role: &str) -> Value {
-    Value::from_json_str(&format!(r#"{{"role": "{role}"}}"#)).unwrap()
-}
-
-#[test]
-fn data_documents_mount_at_their_directory() {
+/// A policy tree allowing the roles in `data.shop.roles.admins` (just `root`).
+fn shop() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "authz.rego", ALLOW_ROLE);
     write(
@@ -40,6 +38,16 @@ fn data_documents_mount_at_their_directory() {
         "shop/roles/data.json",
         r#"{"admins": ["root"]}"#,
     );
+    dir
+}
+
+fn input(role: &str) -> Value {
+    Value::from_json_str(&format!(r#"{{"role": "{role}"}}"#)).unwrap()
+}
+
+#[test]
+fn data_documents_mount_at_their_directory() {
+    let dir = shop();
     write(dir.path(), "shop/other.yaml", "x: 1\n");
     let p = Policy::load(&config(dir.path())).unwrap();
     assert_eq!(p.evaluate(input("root")).unwrap(), Value::from(true));
@@ -54,13 +62,7 @@ fn data_documents_mount_at_their_directory() {
 
 #[test]
 fn test_files_and_dot_entries_are_skipped() {
-    let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "authz.rego", ALLOW_ROLE);
-    write(
-        dir.path(),
-        "shop/roles/data.json",
-        r#"{"admins": ["root"]}"#,
-    );
+    let dir = shop();
     write(dir.path(), "authz_test.rego", "this is not rego");
     write(dir.path(), ".hidden/broken.rego", "neither is this");
     let p = Policy::load(&config(dir.path())).unwrap();
@@ -114,13 +116,7 @@ fn bad_data_names_the_file() {
 
 #[test]
 fn reload_swaps_good_policies_and_keeps_the_last_good_one() {
-    let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "authz.rego", ALLOW_ROLE);
-    write(
-        dir.path(),
-        "shop/roles/data.json",
-        r#"{"admins": ["root"]}"#,
-    );
+    let dir = shop();
     let metrics = Arc::new(Metrics::new());
     let store = Store::load(config(dir.path()), metrics.clone()).unwrap();
     let first = store.current().revision().to_string();
@@ -254,4 +250,156 @@ fn reading_parsed_body_is_detected_conservatively() {
     for (text, want) in cases {
         assert_eq!(may_read_parsed_body(text), *want, "{text}");
     }
+}
+
+/// A policy whose decision rule conflicts with itself on some input: both engines must say so
+/// (a 500 with the conflict's location), not one of them "undefined".
+#[test]
+fn rule_conflicts_are_errors_on_both_engines() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "authz.rego",
+        "package envoy.authz\nimport rego.v1\ndefault allow := false\nallow if input.role == \"root\"\nallow := \"yes\" if input.role == \"root\"\n",
+    );
+    for engine in [EngineKind::Auto, EngineKind::Rvm, EngineKind::Interpreter] {
+        let cfg = Config {
+            engine,
+            ..config(dir.path())
+        };
+        let p = Policy::load(&cfg).unwrap();
+        let err = p.evaluate(input("root")).unwrap_err().to_string();
+        assert!(
+            err.contains("authz.rego:") && err.contains("conflict"),
+            "{engine:?}: {err}"
+        );
+        assert_eq!(
+            p.evaluate(input("guest")).unwrap(),
+            Value::from(false),
+            "{engine:?}"
+        );
+    }
+}
+
+/// Unknown and unsupported calls fail the load on every engine, with file:line and the name.
+#[test]
+fn unknown_functions_fail_the_load_on_every_engine() {
+    for (rule, name) in [
+        ("allow if contians(input.role, \"x\")", "contians"),
+        ("allow if http.send({\"url\": \"http://x\"})", "http.send"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "authz.rego",
+            &format!("package envoy.authz\nimport rego.v1\ndefault allow := false\n{rule}\n"),
+        );
+        for engine in [EngineKind::Auto, EngineKind::Rvm, EngineKind::Interpreter] {
+            let cfg = Config {
+                engine,
+                ..config(dir.path())
+            };
+            let err = Policy::load(&cfg).unwrap_err().to_string();
+            assert!(
+                err.contains("authz.rego:4:10:") && err.contains(name),
+                "{engine:?}: {err}"
+            );
+        }
+    }
+}
+
+/// The reload gate replays recent inputs: a revision that fails where the serving one decided
+/// is refused (counted, shown), one that only decides differently goes live.
+#[test]
+fn reload_gate_refuses_new_errors_and_accepts_new_decisions() {
+    let dir = shop();
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::load(config(dir.path()), metrics.clone()).unwrap();
+    let serving = store.current().revision().to_string();
+    for role in ["root", "guest"] {
+        store.record(&input(role));
+    }
+
+    // Fails (a conflict) only for root, whom the serving revision allowed.
+    write(
+        dir.path(),
+        "authz.rego",
+        "package envoy.authz\nimport rego.v1\nallow if input.role in data.shop.roles.admins\nallow := \"yes\" if input.role == \"root\"\n",
+    );
+    let ReloadOutcome::Failed { error } = store.reload() else {
+        panic!("a revision that errors on a recent input went live");
+    };
+    let message = error.to_string();
+    assert!(
+        message.contains("fails on a recent input") && message.contains("conflict"),
+        "{message}"
+    );
+    assert_eq!(store.current().revision(), serving);
+    let shown = store.last_error().unwrap();
+    assert_eq!(shown.stage, "gate");
+    assert!(
+        metrics
+            .encode()
+            .contains(r#"meshauthz_policy_reloads_total{result="rejected"} 1"#)
+    );
+
+    // Denies root now: a changed decision is what reloads are for.
+    write(
+        dir.path(),
+        "authz.rego",
+        "package envoy.authz\nimport rego.v1\nallow if input.role == \"guest\"\n",
+    );
+    assert!(matches!(store.reload(), ReloadOutcome::Reloaded { .. }));
+    assert_eq!(
+        store.current().evaluate(input("root")).unwrap(),
+        Value::Undefined
+    );
+}
+
+/// With nothing recorded the same conflicting revision would go live: the gate is what
+/// refused it above, not the compiler.
+#[test]
+fn reload_gate_without_samples_lets_the_conflict_through() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "authz.rego", ALLOW_ROLE);
+    write(dir.path(), "shop/roles/data.json", r#"{"admins": []}"#);
+    let store = Store::load(config(dir.path()), Arc::new(Metrics::new())).unwrap();
+    write(
+        dir.path(),
+        "authz.rego",
+        "package envoy.authz\nimport rego.v1\nallow if input.role == \"root\"\nallow := \"yes\" if input.role == \"root\"\n",
+    );
+    assert!(matches!(store.reload(), ReloadOutcome::Reloaded { .. }));
+}
+
+#[test]
+fn test_on_reload_refuses_a_revision_whose_tests_fail() {
+    let dir = shop();
+    write(
+        dir.path(),
+        "authz_test.rego",
+        "package envoy.authz\nimport rego.v1\ntest_root if allow with input as {\"role\": \"root\"}\n",
+    );
+    let cfg = Config {
+        test_on_reload: true,
+        ..config(dir.path())
+    };
+    let store = Store::load(cfg, Arc::new(Metrics::new())).unwrap();
+    write(
+        dir.path(),
+        "authz.rego",
+        "package envoy.authz\nimport rego.v1\nallow if input.role == \"nobody\"\n",
+    );
+    let ReloadOutcome::Failed { error } = store.reload() else {
+        panic!("a revision whose tests fail went live");
+    };
+    assert!(error.to_string().contains("test_root"), "{error}");
+    assert_eq!(store.last_error().unwrap().stage, "tests");
+    // Fixing the policy (tests pass again) lets it through.
+    write(
+        dir.path(),
+        "authz.rego",
+        "package envoy.authz\nimport rego.v1\nallow if input.role in {\"root\", \"ops\"}\n",
+    );
+    assert!(matches!(store.reload(), ReloadOutcome::Reloaded { .. }));
 }
