@@ -30,4 +30,6 @@ USER nonroot
 # 9191: ext_authz gRPC; 8181: /healthz, /readyz, /metrics (and the HTTP ext_authz mode).
 EXPOSE 9191 8181
 ENTRYPOINT ["/usr/local/bin/meshauthz"]
-CMD ["serve", "--config", "/etc/meshauthz/config/meshauthz.yaml"]
+# The bundled config binds loopback (its demo key is public); a container must listen on its
+# interfaces, so the addresses are set here, explicitly.
+CMD ["serve", "--config", "/etc/meshauthz/config/meshauthz.yaml", "--grpc-addr", "0.0.0.0:9191", "--http-addr", "0.0.0.0:8181"]

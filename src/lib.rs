@@ -25,6 +25,7 @@ pub mod config;
 pub mod conn;
 pub mod decision;
 pub mod decision_log;
+pub mod demo;
 pub mod http;
 pub mod http_authz;
 pub mod identity;

@@ -68,6 +68,26 @@ enum Command {
         #[arg(long)]
         check_jwks: bool,
     },
+    /// Mint a token from the bundled demo issuer (its private key is in the repository: for
+    /// trying things out only). Prints the token.
+    DemoToken {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The jwt provider whose issuer, audience and key id the token carries.
+        #[arg(long, default_value = "demo")]
+        provider: String,
+        /// PEM private key; default: demo/signing-key.pem beside the config file.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(long, default_value = "alice")]
+        sub: String,
+        /// A scope (repeat for several); the token's `scope` claim joins them with spaces.
+        #[arg(long)]
+        scope: Vec<String>,
+        /// Lifetime, e.g. 1h or 10m.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+    },
     /// Print the version.
     Version,
 }
@@ -85,6 +105,32 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::DemoToken {
+            config,
+            provider,
+            key,
+            sub,
+            scope,
+            ttl,
+        } => {
+            let loaded = Config::load(&config)?;
+            let key = key.unwrap_or_else(|| {
+                config
+                    .parent()
+                    .unwrap_or(std::path::Path::new("."))
+                    .join("demo/signing-key.pem")
+            });
+            let req = meshauthz::demo::Request {
+                sub,
+                scopes: scope,
+                ttl: ttl.into(),
+            };
+            println!(
+                "{}",
+                meshauthz::demo::token(&loaded.jwt.providers, &provider, &key, &req)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Version => {
             println!("meshauthz {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)

@@ -677,3 +677,50 @@ async fn a_closed_decision_log_output_does_not_stop_decisions() {
     );
     served.terminate();
 }
+
+/// `demo-token` mints what the bundled config accepts: with the route's scope an order read is
+/// allowed, without it denied; the token's claims are the ones asked for.
+#[test]
+fn demo_token_is_accepted_by_the_bundled_config() {
+    let dir = tempfile::tempdir().unwrap();
+    for (scope, code) in [(Some("orders:read"), 0), (None, 2)] {
+        let mut cmd = meshauthz();
+        cmd.args(["demo-token", "--sub", "alice"]);
+        if let Some(s) = scope {
+            cmd.args(["--scope", s]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let payload = token.split('.').nth(1).unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims["sub"], "alice");
+        assert_eq!(claims["aud"], "shop-api");
+        let req = serde_json::json!({"attributes": {
+            "source": {"principal": "spiffe://cluster.local/ns/shop/sa/frontend"},
+            "request": {"http": {"method": "GET", "path": "/api/orders/7",
+                "headers": {"authorization": format!("Bearer {token}")}}}
+        }});
+        let file = dir.path().join("req.json");
+        std::fs::write(&file, req.to_string()).unwrap();
+        let out = meshauthz()
+            .args(["eval", "--input"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "scope {scope:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}

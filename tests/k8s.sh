@@ -159,9 +159,11 @@ fails_with() { # fails_with TEXT... -- CMD...
 }
 
 echo "== chart"
-check "helm lint --strict (default values)" "$HELM" lint --strict "$CHART"
+# Default values plus the one value the chart requires.
+REPO_ARGS=(--set image.repository=registry.example.com/platform/meshauthz)
+check "helm lint --strict (default values)" "$HELM" lint --strict "$CHART" "${REPO_ARGS[@]}"
 check "helm lint --strict (all options)" "$HELM" lint --strict "$CHART" -f "$CI_VALUES/all-options.yaml"
-check "helm template (default values)" render "$TMP/default.yaml"
+check "helm template (default values)" render "$TMP/default.yaml" "${REPO_ARGS[@]}"
 check "helm template (all options)" render "$TMP/all-options.yaml" -f "$CI_VALUES/all-options.yaml"
 check "bundled policies match policies/" bundled_policies_in_sync
 
@@ -204,15 +206,18 @@ echo "== refused values"
 check "bad values: schema names replicaCount and logLevel" \
   fails_with "values don't meet the specifications of the schema" "/replicaCount" "/logLevel" -- \
   render "$TMP/bad.yaml" -f "$CI_VALUES/bad-values.yaml"
+check "guard: image.repository unset (no public image)" \
+  fails_with "image.repository is required" -- \
+  render "$TMP/guard.yaml"
 check "guard: terminationGracePeriodSeconds too short" \
   fails_with "terminationGracePeriodSeconds (12) must exceed" -- \
-  render "$TMP/guard.yaml" --set terminationGracePeriodSeconds=12
+  render "$TMP/guard.yaml" "${REPO_ARGS[@]}" --set terminationGracePeriodSeconds=12
 check "guard: mTLS on the probes' listener" \
   fails_with "kubelet's probes cannot present a client certificate" -- \
-  render "$TMP/guard.yaml" --set tls.enabled=true --set tls.secretName=x --set 'tls.listeners={grpc,http}'
+  render "$TMP/guard.yaml" "${REPO_ARGS[@]}" --set tls.enabled=true --set tls.secretName=x --set 'tls.listeners={grpc,http}'
 check "guard: policy paths that flatten to one key" \
   fails_with "both flatten to the ConfigMap key a_b.rego" -- \
-  render "$TMP/guard.yaml" --set-string 'policies.a/b\.rego=package a' --set-string 'policies.a_b\.rego=package b'
+  render "$TMP/guard.yaml" "${REPO_ARGS[@]}" --set-string 'policies.a/b\.rego=package a' --set-string 'policies.a_b\.rego=package b'
 
 echo "k8s: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -15,6 +15,7 @@ Run with the project venv's python (PyYAML from tests/requirements.txt):
 Each prints what it checked and exits 1 on the first problem.
 """
 
+import json
 import os
 import re
 import sys
@@ -425,6 +426,12 @@ def cmd_docker(repo, image_root=None):
     for path in needed:
         expect(in_image(path), f"{path} (Cargo.toml needs it) is not copied into the build stage")
     print(f"ok: {len(context)} files in the build context; {len(needed)} files cargo needs are copied")
+    # The bundled config binds loopback (its demo key is public); the image must say 0.0.0.0.
+    with open(os.path.join(repo, "Dockerfile"), encoding="utf-8") as f:
+        cmd = [json.loads(l[len("CMD"):]) for l in f if l.startswith("CMD ")]
+    expect(cmd and "--grpc-addr" in cmd[-1] and "0.0.0.0:9191" in cmd[-1]
+           and "--http-addr" in cmd[-1] and "0.0.0.0:8181" in cmd[-1],
+           f"the image's CMD must bind 0.0.0.0 explicitly: {cmd}")
     if image_root:
         n = 0
         for src, dest in final_stage:

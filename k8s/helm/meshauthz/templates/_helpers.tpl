@@ -38,6 +38,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "meshauthz.image" -}}
+{{- $_ := required "image.repository is required: the registry path you pushed the meshauthz image to (no public image is published; see docs/kubernetes.md, \"Build and push the image\")" .Values.image.repository }}
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
 {{- else }}
@@ -173,5 +174,34 @@ cannot carry exactly (carriage returns, lines of only spaces) is quoted instead.
 {{- end }}
 {{- if not $keys }}
 {{- fail "no policy files: set policiesFromFiles or policies" }}
+{{- end }}
+{{- end }}
+
+{{/* The serving container's mounts, shared by the validate init container. */}}
+{{- define "meshauthz.volumeMounts" -}}
+{{- $configDir := include "meshauthz.configDir" . -}}
+# The config file alone (subPath), so the other mounts sit beside it rather than
+# inside a ConfigMap volume. subPath files do not update; config changes roll out.
+- name: config
+  mountPath: {{ $configDir }}/meshauthz.yaml
+  subPath: meshauthz.yaml
+  readOnly: true
+# A volume of its own, so the kubelet's ..data swap happens inside the directory
+# meshauthz watches and the change is hot reloaded.
+- name: policies
+  mountPath: {{ $configDir }}/policies
+  readOnly: true
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: {{ $configDir }}/tls
+  readOnly: true
+{{- end }}
+{{- if .Values.jwksCA.enabled }}
+- name: jwks-ca
+  mountPath: {{ $configDir }}/jwks-ca
+  readOnly: true
+{{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{- toYaml . | trim | nindent 0 }}
 {{- end }}
 {{- end }}
