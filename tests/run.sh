@@ -53,6 +53,9 @@ diff -r -x '*_test.rego' policies k8s/helm/meshauthz/policies
 echo "== Kubernetes and Istio packaging (helm, kubernetes-validate, golden files)"
 MESHAUTHZ_BIN="$ROOT/target/debug/meshauthz" tests/k8s.sh
 
+echo "== examples/envoy-local: the quickstart through a real Envoy"
+MESHAUTHZ_BIN="$ROOT/target/debug/meshauthz" examples/envoy-local/run.sh --check
+
 echo "== fuzz targets, short runs (tests/fuzz.sh)"
 tests/fuzz.sh
 

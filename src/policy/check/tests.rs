@@ -71,3 +71,24 @@ fn every_listed_opa_builtin_is_a_name() {
     assert!(names.contains(&"http.send") && names.contains(&"io.jwt.decode_verify"));
     assert!(names.iter().all(|n| !n.is_empty() && !n.contains(' ')));
 }
+
+/// docs/policy.md lists the OPA builtins meshauthz refuses; keep it the computed set.
+#[test]
+fn docs_list_the_unsupported_builtins() {
+    let mut want: Vec<&str> = OPA_BUILTINS
+        .lines()
+        .filter(|n| !is_builtin(n) || unsupported_reason(n).is_some())
+        .filter(|n| !n.starts_with("internal."))
+        .collect();
+    want.sort_unstable();
+    let doc = include_str!("../../../docs/policy.md");
+    let section = doc
+        .split("<!-- unsupported-builtins -->")
+        .nth(1)
+        .expect("docs/policy.md has the unsupported-builtins markers");
+    let listed: Vec<&str> = section
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix('`').and_then(|w| w.strip_suffix("`,").or(w.strip_suffix('`'))))
+        .collect();
+    assert_eq!(listed, want, "update docs/policy.md");
+}
