@@ -21,7 +21,11 @@ use meshauthz::input::{self, Extras};
 use meshauthz::server::attributes_from_proto;
 
 /// The bundled policy with a file JWKS holding one key per benchmarked algorithm.
-fn setup(keys: &[&Keys], decision_log: &str) -> (std::sync::Arc<App>, tempfile::TempDir) {
+fn setup(
+    keys: &[&Keys],
+    decision_log: &str,
+    policy_extra: &str,
+) -> (std::sync::Arc<App>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, common::jwks_body(keys)).unwrap();
@@ -30,6 +34,7 @@ fn setup(keys: &[&Keys], decision_log: &str) -> (std::sync::Arc<App>, tempfile::
 policy:
   paths: ["{}"]
   decision: "data.envoy.authz.result"
+  {policy_extra}
 jwt:
   providers:
     - name: bench
@@ -55,18 +60,25 @@ fn bench(c: &mut Criterion) {
         .iter()
         .map(|a| Keys::generate(*a, &format!("{a:?}")))
         .collect();
-    let (app, _dir) = setup(&keys.iter().collect::<Vec<_>>(), "{ enabled: false }");
+    let (app, _dir) = setup(&keys.iter().collect::<Vec<_>>(), "{ enabled: false }", "");
+    // Without the reload gate's input samples: what recording them costs a Check.
+    let (ungated, _dir3) = setup(
+        &keys.iter().collect::<Vec<_>>(),
+        "{ enabled: false }",
+        "reload_gate_samples: 0",
+    );
     // The same with the default decision log (every decision, one JSON line each) to a file.
     let (logged, _dir2) = setup(
         &keys.iter().collect::<Vec<_>>(),
         "{ output: /dev/null, buffer: 65536 }",
+        "",
     );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        for a in [&app, &logged] {
+        for a in [&app, &logged, &ungated] {
             for p in a.authz.jwt.check_all_jwks().await {
                 p.1.unwrap();
             }
@@ -89,6 +101,14 @@ fn bench(c: &mut Criterion) {
 
     c.bench_function("check/whole_pipeline_cached_jwt", |b| {
         b.iter(|| black_box(rt.block_on(app.authz.check(black_box(attrs.clone())))))
+    });
+    assert!(
+        rt.block_on(ungated.authz.check(attrs.clone()))
+            .decision
+            .allowed
+    );
+    c.bench_function("check/whole_pipeline_cached_jwt_no_gate_samples", |b| {
+        b.iter(|| black_box(rt.block_on(ungated.authz.check(black_box(attrs.clone())))))
     });
     assert!(
         rt.block_on(logged.authz.check(attrs.clone()))

@@ -292,6 +292,7 @@ type Client = envoy_types::pb::envoy::service::auth::v3::authorization_client::A
 struct Served {
     child: std::process::Child,
     client: Client,
+    grpc: String,
     /// The health/metrics listener.
     http: String,
 }
@@ -300,8 +301,27 @@ impl Served {
     /// Starts the binary with `args` after `serve --text-logs` and the ephemeral addresses; finds
     /// the gRPC address in its log line.
     async fn start(args: &[&std::ffi::OsStr], stdout: std::process::Stdio) -> Served {
+        Self::start_under(&[], args, stdout).await
+    }
+
+    /// As [`Served::start`], run through `wrapper` (e.g. `prlimit --nofile=…`), which must exec
+    /// the binary so the child's pid stays the server's.
+    async fn start_under(
+        wrapper: &[&str],
+        args: &[&std::ffi::OsStr],
+        stdout: std::process::Stdio,
+    ) -> Served {
         use std::io::BufRead;
-        let mut child = meshauthz()
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_meshauthz"));
+                c.current_dir(repo());
+                c
+            }
+            None => meshauthz(),
+        };
+        let mut child = cmd
             .args([
                 "serve",
                 "--text-logs",
@@ -342,6 +362,7 @@ impl Served {
         Served {
             child,
             client,
+            grpc,
             http,
         }
     }
@@ -723,4 +744,137 @@ fn demo_token_is_accepted_by_the_bundled_config() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of stat(5); after the command name, 12 and 13.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// At the file-descriptor limit, accept fails with EMFILE on every call: the accept loop must
+/// back off instead of spinning a core, and serve again once descriptors free up.
+#[tokio::test]
+async fn at_the_descriptor_limit_accept_backs_off_and_recovers() {
+    let mut served = Served::start_under(
+        &["prlimit", "--nofile=64:64", "--"],
+        &[],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let pid = served.child.id();
+    // Far more connections than descriptors: the kernel queues them, accept runs out of fds.
+    let mut held = Vec::new();
+    for _ in 0..120 {
+        if let Ok(c) = tokio::net::TcpStream::connect(&served.grpc).await {
+            held.push(c);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_seconds(pid) - before;
+    assert!(
+        used < 0.3,
+        "{used:.2} CPU seconds in 1 s at the descriptor limit: the accept loop spins"
+    );
+    drop(held);
+    let served_again = eventually(Duration::from_secs(10), async || {
+        let Ok(mut c) = Client::connect(format!("http://{}", served.grpc)).await else {
+            return false;
+        };
+        c.check(request(None, "GET", "/healthz")).await.is_ok()
+    })
+    .await;
+    assert!(served_again, "no Check served after descriptors freed up");
+    assert!(served.allowed(None, "GET", "/healthz").await.allowed);
+}
+
+/// Peak and current resident memory of a process, in KiB, from /proc (VmHWM, VmRSS).
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Memory per in-flight Check is bounded: eight concurrent Checks, each with a body just under
+/// `limits.max_body_bytes` shaped to expand the most when parsed (many tiny objects), for a
+/// policy that reads `input.parsed_body`. Prints the measured peak; fails only far above the
+/// documented bound (~2 MiB per in-flight Check), which a regression to unbounded parsing (the
+/// review measured ~60 MiB per 3.9 MB body) would exceed many times over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_per_in_flight_check_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("p")).unwrap();
+    std::fs::write(
+        dir.path().join("p/policy.rego"),
+        "package envoy.authz\nimport rego.v1\nallow if count(input.parsed_body) > 0\n",
+    )
+    .unwrap();
+    let config = write_config(
+        dir.path(),
+        "policy: { paths: [p] }\ndecision_log: { enabled: false }\n",
+    );
+    let served = Served::start(
+        &[std::ffi::OsStr::new("--config"), config.as_os_str()],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let pid = served.child.id();
+    let (_, idle) = rss_kib(pid);
+    // 64 KiB limit; "{}," is 3 bytes: ~21,000 empty objects.
+    let body = format!("[{}{{}}]", "{},".repeat(64 * 1024 / 3 - 2));
+    assert!(body.len() <= 64 * 1024);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (mut client, body) = (served.client.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..25 {
+                let mut req = Req {
+                    method: "POST",
+                    path: "/upload",
+                    ..Default::default()
+                }
+                .header("content-type", "application/json")
+                .build();
+                if let Some(http) = req
+                    .attributes
+                    .as_mut()
+                    .and_then(|a| a.request.as_mut())
+                    .and_then(|r| r.http.as_mut())
+                {
+                    http.body = body.clone();
+                }
+                let r = client.check(req).await.unwrap().into_inner();
+                assert_eq!(r.status.unwrap().code, 0, "the body was parsed and allowed");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (peak, now) = rss_kib(pid);
+    let per_check = peak.saturating_sub(idle) / 8;
+    eprintln!(
+        "RSS idle {idle} KiB, peak {peak} KiB with 8 in flight, {now} KiB after: {per_check} KiB per in-flight Check"
+    );
+    assert!(
+        peak.saturating_sub(idle) < 8 * 8 * 1024,
+        "peak {peak} KiB over idle {idle} KiB: more than 8 MiB per in-flight Check"
+    );
 }

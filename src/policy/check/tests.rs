@@ -88,7 +88,10 @@ fn docs_list_the_unsupported_builtins() {
         .expect("docs/policy.md has the unsupported-builtins markers");
     let listed: Vec<&str> = section
         .split_whitespace()
-        .filter_map(|w| w.strip_prefix('`').and_then(|w| w.strip_suffix("`,").or(w.strip_suffix('`'))))
+        .filter_map(|w| {
+            w.strip_prefix('`')
+                .and_then(|w| w.strip_suffix("`,").or(w.strip_suffix('`')))
+        })
         .collect();
     assert_eq!(listed, want, "update docs/policy.md");
 }
